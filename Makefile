@@ -1,0 +1,41 @@
+# The two supported entry points are `make demo` and `make test`; everything
+# they need is installed here, into .venv, from the project's own files.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+# The CPU build of torch is installed first and explicitly: a bare `torch`
+# requirement would otherwise pull several GB of CUDA wheels on CPU machines.
+TORCH_SPEC ?= torch==2.13.0
+DEMO_OUT ?= outputs/demo
+
+.PHONY: venv demo test lint bench-preprocess clean
+
+venv: $(STAMP)
+
+$(STAMP): setup.py
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
+	$(PY) -m pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) tools/preprocess.py --input data/sample/long.jsonl.gz data/sample/short_chat.jsonl.gz \
+		--tokenizer data/sample/tokenizer.model --template llama2 \
+		--output-prefix $(DEMO_OUT)/sample --max-length 65536 --workers 2
+	$(PY) tools/preprocess.py --input data/sample/long.jsonl.gz \
+		--tokenizer data/sample/tokenizer.model --template llama2 --inspect 1 --inspect-chars 600
+
+test: $(STAMP)
+	$(PY) -m pytest -q tests
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check megatron_longalign tools tests bench
+	$(VENV)/bin/ruff format --check megatron_longalign tools tests bench
+
+bench-preprocess: $(STAMP)
+	$(PY) bench/preprocess_bench.py
+
+clean:
+	rm -rf $(VENV) outputs *.egg-info

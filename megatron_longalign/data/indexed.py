@@ -1,0 +1,54 @@
+"""Random access to preprocessed SFT samples (tokens + regions + loss mask)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from megatron_longalign.data.encoding import loss_mask_from_regions
+
+FORMAT = "megatron-longalign/sft-v1"
+
+
+@dataclass
+class SFTSample:
+    tokens: np.ndarray  # (T,)
+    regions: np.ndarray  # (R, 3) rows of (start, end, kind)
+
+    @property
+    def loss_mask(self) -> np.ndarray:
+        return loss_mask_from_regions(self.regions, self.tokens.size)
+
+
+class SFTIndexedDataset:
+    """Reads the files written by `tools/preprocess.py` for output prefix P."""
+
+    def __init__(self, prefix: str) -> None:
+        from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+        self.prefix = prefix
+        meta_path = Path(prefix + ".json")
+        if not meta_path.is_file():
+            raise FileNotFoundError(f"{meta_path} not found: is {prefix!r} a preprocessed prefix?")
+        self.metadata = json.loads(meta_path.read_text())
+        if self.metadata.get("format") != FORMAT:
+            raise ValueError(f"{meta_path}: format {self.metadata.get('format')!r} != {FORMAT!r}")
+        self.tokens = IndexedDataset(prefix)
+        self.regions = IndexedDataset(prefix + ".regions")
+        if len(self.tokens) != len(self.regions):
+            raise ValueError(f"{prefix}: {len(self.tokens)} token rows but {len(self.regions)} region rows")
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return self.tokens.sequence_lengths
+
+    def __getitem__(self, index: int) -> SFTSample:
+        return SFTSample(
+            np.asarray(self.tokens[index]), np.asarray(self.regions[index]).reshape(-1, 3)
+        )

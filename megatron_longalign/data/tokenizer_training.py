@@ -1,0 +1,121 @@
+"""Train tiny tokenizers for the bundled demo data and the tests.
+
+Every template's special tokens are registered as *control* tokens (sentencepiece) or
+special added tokens (HF), so any template works with any tokenizer trained here, and
+the same strings in user text stay plain text.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+from pathlib import Path
+from typing import Iterable
+
+TEMPLATE_SPECIAL_TOKENS = (
+    "<|begin_of_text|>",
+    "<|start_header_id|>",
+    "<|end_header_id|>",
+    "<|eot_id|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|endoftext|>",
+)
+# Template scaffolding text, so the tokenizer learns compact pieces for it.
+SCAFFOLDING_TEXT = (
+    "[INST] <<SYS>>\n\n<</SYS>>\n\n [/INST] ",
+    "[Round 1]\n\n问：\n\n答：",
+    "system\n\nuser\n\nassistant\n\n",
+)
+
+
+def train_sentencepiece(
+    lines: Iterable[str], output: str | os.PathLike, vocab_size: int = 2048
+) -> Path:
+    """A BPE sentencepiece model with byte fallback (lossless on any text), no dummy
+    prefix and identity normalisation, written atomically to `output`."""
+    import sentencepiece as spm
+
+    buffer = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(list(SCAFFOLDING_TEXT) * 50 + list(lines)),
+        model_writer=buffer,
+        vocab_size=vocab_size,
+        model_type="bpe",
+        character_coverage=1.0,
+        byte_fallback=True,
+        split_digits=True,
+        add_dummy_prefix=False,
+        remove_extra_whitespaces=False,
+        normalization_rule_name="identity",
+        allow_whitespace_only_pieces=True,
+        unk_id=0,
+        bos_id=1,
+        eos_id=2,
+        pad_id=3,
+        control_symbols=list(TEMPLATE_SPECIAL_TOKENS),
+        num_threads=1,
+        max_sentence_length=1 << 16,
+        minloglevel=2,
+        hard_vocab_limit=False,  # small corpora may not support the full vocab_size
+    )
+    return _write_atomically(Path(output), buffer.getvalue())
+
+
+def train_hf_bpe(
+    lines: Iterable[str],
+    output_dir: str | os.PathLike,
+    vocab_size: int = 1024,
+    style: str = "byte_level",
+) -> Path:
+    """A Hugging Face BPE tokenizer directory (tokenizer.json + tokenizer_config.json).
+
+    style="byte_level" mimics Llama-3/Qwen (GPT-2 byte-level pre-tokenizer);
+    style="metaspace" mimics HF Llama-2/Mistral ("▁" prepended to the first word)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    bos, eos, unk = "<s>", "</s>", "<unk>"
+    specials = [unk, bos, eos, *TEMPLATE_SPECIAL_TOKENS]
+    if style == "byte_level":
+        tokenizer = Tokenizer(models.BPE())
+        tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tokenizer.decoder = decoders.ByteLevel()
+        alphabet = pre_tokenizers.ByteLevel.alphabet()
+    elif style == "metaspace":
+        tokenizer = Tokenizer(models.BPE(unk_token=unk, byte_fallback=True))
+        tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="first")
+        tokenizer.decoder = decoders.Sequence(
+            [decoders.Metaspace(prepend_scheme="first"), decoders.ByteFallback(), decoders.Fuse()]
+        )
+        alphabet = [f"<0x{b:02X}>" for b in range(256)]
+    else:
+        raise ValueError(f"unknown style {style!r}")
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=specials,
+        initial_alphabet=alphabet if style == "byte_level" else [],  # bytes added below
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(list(SCAFFOLDING_TEXT) * 50 + list(lines), trainer=trainer)
+    spec = json.loads(tokenizer.to_str())
+    if style == "metaspace":
+        # Byte fallback needs the <0xXX> pieces in the model vocabulary itself, which the
+        # trainer does not do; append them so any text stays lossless.
+        vocab = spec["model"]["vocab"]
+        for piece in alphabet:
+            vocab.setdefault(piece, len(vocab))
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    _write_atomically(output_dir / "tokenizer.json", json.dumps(spec, ensure_ascii=False).encode())
+    config = {"bos_token": bos, "eos_token": eos, "unk_token": unk, "model_max_length": 1 << 20}
+    _write_atomically(output_dir / "tokenizer_config.json", json.dumps(config, indent=2).encode())
+    return output_dir
+
+
+def _write_atomically(path: Path, data: bytes) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    temp.write_bytes(data)
+    os.replace(temp, path)
+    return path
