@@ -23,7 +23,7 @@ $(STAMP): setup.py
 demo: $(STAMP)
 	$(PY) tools/preprocess.py --input data/sample/long.jsonl.gz data/sample/short_chat.jsonl.gz \
 		--tokenizer data/sample/tokenizer.model --template llama2 \
-		--output-prefix $(DEMO_OUT)/sample --max-length 65536 --workers 2
+		--output-prefix $(DEMO_OUT)/sample --max-length 65536 --on-overlength truncate-middle --workers 2
 	$(PY) tools/preprocess.py --input data/sample/long.jsonl.gz \
 		--tokenizer data/sample/tokenizer.model --template llama2 --inspect 1 --inspect-chars 600
 

@@ -13,6 +13,19 @@ from megatron_longalign.data.encoding import loss_mask_from_regions
 FORMAT = "megatron-longalign/sft-v1"
 
 
+def indexed_dataset_module():
+    """megatron.core.datasets.indexed_dataset, imported on first use. Importing
+    megatron.core warns about Transformer Engine/Apex at length; that is irrelevant to
+    reading or writing data files, so it is silenced here."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex.*")
+        from megatron.core.datasets import indexed_dataset
+
+    return indexed_dataset
+
+
 @dataclass
 class SFTSample:
     tokens: np.ndarray  # (T,)
@@ -27,8 +40,7 @@ class SFTIndexedDataset:
     """Reads the files written by `tools/preprocess.py` for output prefix P."""
 
     def __init__(self, prefix: str) -> None:
-        from megatron.core.datasets.indexed_dataset import IndexedDataset
-
+        IndexedDataset = indexed_dataset_module().IndexedDataset
         self.prefix = prefix
         meta_path = Path(prefix + ".json")
         if not meta_path.is_file():

@@ -10,21 +10,19 @@ from __future__ import annotations
 import numpy as np
 
 from megatron_longalign.data.encoding import REGION_DTYPE
+from megatron_longalign.data.indexed import indexed_dataset_module
 from megatron_longalign.utils.atomic_files import AtomicFileSet
 
 
 def token_dtype_for(vocab_size: int) -> type[np.number]:
-    from megatron.core.datasets.indexed_dataset import DType
-
-    return DType.optimal_dtype(vocab_size)
+    return indexed_dataset_module().DType.optimal_dtype(vocab_size)
 
 
 class IndexedSampleWriter:
     def __init__(self, prefix: str, vocab_size: int, files: AtomicFileSet) -> None:
         # megatron-core (and torch behind it) is imported here, not at module level, so
         # that preprocessing workers never pay for it.
-        from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
-
+        IndexedDatasetBuilder = indexed_dataset_module().IndexedDatasetBuilder
         self.token_dtype = token_dtype_for(vocab_size)
         self._paths = {
             name: files.temp_path(prefix + suffix)

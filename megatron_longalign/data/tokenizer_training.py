@@ -11,7 +11,7 @@ import io
 import json
 import os
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Sequence
 
 TEMPLATE_SPECIAL_TOKENS = (
     "<|begin_of_text|>",
@@ -68,6 +68,7 @@ def train_hf_bpe(
     output_dir: str | os.PathLike,
     vocab_size: int = 1024,
     style: str = "byte_level",
+    special_tokens: Sequence[str] = TEMPLATE_SPECIAL_TOKENS,
 ) -> Path:
     """A Hugging Face BPE tokenizer directory (tokenizer.json + tokenizer_config.json).
 
@@ -76,7 +77,7 @@ def train_hf_bpe(
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     bos, eos, unk = "<s>", "</s>", "<unk>"
-    specials = [unk, bos, eos, *TEMPLATE_SPECIAL_TOKENS]
+    specials = [unk, bos, eos, *special_tokens]
     if style == "byte_level":
         tokenizer = Tokenizer(models.BPE())
         tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import random
 import re
 import subprocess
 import sys
@@ -85,8 +86,12 @@ def test_long_samples_deterministic_per_seed() -> None:
 
 
 def test_short_chats_deterministic_per_seed() -> None:
-    assert list(synthetic.generate_short_chats(30, 1)) == list(synthetic.generate_short_chats(30, 1))
-    assert list(synthetic.generate_short_chats(30, 1)) != list(synthetic.generate_short_chats(30, 2))
+    assert list(synthetic.generate_short_chats(30, 1)) == list(
+        synthetic.generate_short_chats(30, 1)
+    )
+    assert list(synthetic.generate_short_chats(30, 1)) != list(
+        synthetic.generate_short_chats(30, 2)
+    )
 
 
 def test_prefix_stable_when_more_samples_requested() -> None:
@@ -96,8 +101,6 @@ def test_prefix_stable_when_more_samples_requested() -> None:
 
 
 def test_global_random_state_untouched() -> None:
-    import random
-
     random.seed(0)
     expected = random.random()
     random.seed(0)
@@ -185,7 +188,7 @@ def test_multi_hop_facts_present_and_far_apart(long_samples: list[dict]) -> None
     checked = 0
     for record in long_samples:
         context = first_context(record)
-        for question, answer in qa_rounds(record):
+        for turn, (question, answer) in enumerate(qa_rounds(record)):
             q = HOP_Q.match(split_user(question)[1])
             if not q:
                 continue
@@ -196,7 +199,7 @@ def test_multi_hop_facts_present_and_far_apart(long_samples: list[dict]) -> None
             assert context.count(person_fact) == 1
             assert context.count(city_fact) == 1
             assert a["city"] not in question.rpartition("\n\n")[2]
-            if question is qa_rounds(record)[0][0]:
+            if turn == 0:  # the asked-about chain is planted in opposite halves
                 gap = abs(context.index(person_fact) - context.index(city_fact))
                 assert gap > 0.15 * len(context)
             checked += 1
@@ -213,7 +216,7 @@ def test_key_value_answer_is_in_records(long_samples: list[dict]) -> None:
                 continue
             a = KV_A.match(answer)
             assert a and a["key"] == q["key"], answer
-            assert re.search(rf"^Record \d+: {a['key']} = {a['value']}\.$", context, re.M)
+            assert re.search(rf"^Record \d+: {a['key']} = {a['value']}\.$", context, re.MULTILINE)
             # Keys are unique, so the question has one answer.
             assert context.count(f" {a['key']} = ") == 1
             assert a["value"] not in question.rpartition("\n\n")[2]
@@ -268,33 +271,35 @@ def test_short_chats_structure(short_chats: list[dict]) -> None:
     assert 0.1 < with_system / len(short_chats) < 0.3
 
 
+def short_task_kind(question: str, answer: str) -> str:
+    """Classify one short round and check that its answer is right."""
+    if m := re.search(r"What is (\d+) (plus|minus|times) (\d+)\?$", question):
+        a, op, b = int(m[1]), m[2], int(m[3])
+        result = {"plus": a + b, "minus": a - b, "times": a * b}[op]
+        assert answer == f"{a} {op} {b} is {result}."
+        return "arithmetic"
+    if m := re.search(r"Reverse the order of this list: (.+)\.$", question):
+        assert answer == f"Reversed: {', '.join(m[1].split(', ')[::-1])}."
+        return "reverse"
+    if m := re.search(r"Sort these words alphabetically: (.+)\.$", question):
+        assert answer == f"Sorted: {', '.join(sorted(m[1].split(', ')))}."
+        return "sort"
+    if m := re.search(r"Copy this sentence exactly: (.+)$", question):
+        assert answer == m[1]
+        return "copy"
+    context, q = split_user(question)
+    assert context and q.endswith("?")
+    assert answer in context
+    return "paragraph"
+
+
 def test_short_chats_answers_are_correct(short_chats: list[dict]) -> None:
-    seen = set()
-    for record in short_chats:
-        for question, answer in qa_rounds(record):
-            if m := re.search(r"What is (\d+) (plus|minus|times) (\d+)\?$", question):
-                a, op, b = int(m[1]), m[2], int(m[3])
-                result = {"plus": a + b, "minus": a - b, "times": a * b}[op]
-                assert answer == f"{a} {op} {b} is {result}."
-            elif m := re.search(r"Reverse the order of this list: (.+)\.$", question):
-                assert answer == f"Reversed: {', '.join(m[1].split(', ')[::-1])}."
-            elif m := re.search(r"Sort these words alphabetically: (.+)\.$", question):
-                assert answer == f"Sorted: {', '.join(sorted(m[1].split(', ')))}."
-            elif m := re.search(r"Copy this sentence exactly: (.+)$", question):
-                assert answer == m[1]
-            else:
-                context, q = split_user(question)
-                assert context and q.endswith("?")
-                op = "paragraph"
-                assert answer in context
-            seen.add(op if m is None or m.re.pattern.startswith("What") else m.re.pattern[:4])
-    assert len(seen) >= 4
+    kinds = {short_task_kind(q, a) for r in short_chats for q, a in qa_rounds(r)}
+    assert kinds == {"arithmetic", "reverse", "sort", "copy", "paragraph"}
 
 
 def test_short_chats_include_non_ascii(short_chats: list[dict]) -> None:
-    exotic = [
-        r for r in short_chats if any(not m["content"].isascii() for m in r["messages"])
-    ]
+    exotic = [r for r in short_chats if any(not m["content"].isascii() for m in r["messages"])]
     assert 0.01 <= len(exotic) / len(short_chats) <= 0.12
 
 
@@ -326,7 +331,9 @@ def test_write_jsonl_sharegpt_roles(tmp_path: Path, long_samples: list[dict]) ->
     back = {"system": "system", "human": "user", "gpt": "assistant"}
     for original, written in zip(records, read_lines(path), strict=True):
         assert set(written) == {"conversations"}
-        restored = [{"role": back[t["from"]], "content": t["value"]} for t in written["conversations"]]
+        restored = [
+            {"role": back[t["from"]], "content": t["value"]} for t in written["conversations"]
+        ]
         assert restored == original["messages"]
 
 
