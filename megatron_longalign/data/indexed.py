@@ -61,6 +61,8 @@ class SFTIndexedDataset:
         return self.tokens.sequence_lengths
 
     def __getitem__(self, index: int) -> SFTSample:
+        # Copies, not views: megatron's IndexedDataset closes its mmap in __del__, and a
+        # view that outlives the dataset object would read freed memory (a segfault).
         return SFTSample(
-            np.asarray(self.tokens[index]), np.asarray(self.regions[index]).reshape(-1, 3)
+            np.array(self.tokens[index]), np.array(self.regions[index]).reshape(-1, 3)
         )
