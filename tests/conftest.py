@@ -13,7 +13,7 @@ from megatron_longalign.data.tokenizer_training import train_hf_bpe, train_sente
 
 REPO = Path(__file__).resolve().parents[1]
 
-_WORDS = (
+_WORDS = (  # noqa: SIM905 (a word list reads better as one string)
     "the secret code of amber gate is lives in city famous for weaving copper lanterns "
     "what where who record value key answer question document passage Tomas Verdane"
 ).split()

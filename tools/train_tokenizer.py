@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from typing import Iterator
+from collections.abc import Iterator
 
 from megatron_longalign.data.jsonl_reader import expand_inputs, read_chunks
 from megatron_longalign.data.synthetic import tokenizer_training_text
@@ -40,7 +40,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lines", type=int, default=20000, help="synthetic lines to train on")
     parser.add_argument("--seed", type=int, default=7)
     args = parser.parse_args(argv)
-    lines = list(_contents(args.input) if args.input else tokenizer_training_text(args.lines, args.seed))
+    lines = list(
+        _contents(args.input) if args.input else tokenizer_training_text(args.lines, args.seed)
+    )
     if args.kind == "sentencepiece":
         path = train_sentencepiece(lines, args.output, args.vocab_size)
     else:

@@ -79,7 +79,7 @@ def decode_line(raw: bytes) -> str:
         return raw.decode("utf-8")
     except UnicodeDecodeError as err:
         raise BadSample(
-            "invalid_utf8", f"invalid UTF-8 at byte {err.start}: {raw[err.start:err.end]!r}"
+            "invalid_utf8", f"invalid UTF-8 at byte {err.start}: {raw[err.start : err.end]!r}"
         ) from None
 
 

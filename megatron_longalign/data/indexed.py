@@ -51,7 +51,9 @@ class SFTIndexedDataset:
         self.tokens = IndexedDataset(prefix)
         self.regions = IndexedDataset(prefix + ".regions")
         if len(self.tokens) != len(self.regions):
-            raise ValueError(f"{prefix}: {len(self.tokens)} token rows but {len(self.regions)} region rows")
+            raise ValueError(
+                f"{prefix}: {len(self.tokens)} token rows but {len(self.regions)} region rows"
+            )
 
     def __len__(self) -> int:
         return len(self.tokens)
@@ -63,6 +65,4 @@ class SFTIndexedDataset:
     def __getitem__(self, index: int) -> SFTSample:
         # Copies, not views: megatron's IndexedDataset closes its mmap in __del__, and a
         # view that outlives the dataset object would read freed memory (a segfault).
-        return SFTSample(
-            np.array(self.tokens[index]), np.array(self.regions[index]).reshape(-1, 3)
-        )
+        return SFTSample(np.array(self.tokens[index]), np.array(self.regions[index]).reshape(-1, 3))

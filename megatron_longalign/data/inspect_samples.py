@@ -35,7 +35,9 @@ def format_sample(
     for start, end, kind in regions.tolist():
         text = _elide(tokenizer.decode(tokens[start:end].tolist()), max_chars)
         if kind == RegionKind.ASSISTANT:
-            text = f"{_ANSI_TARGET}{text}{_ANSI_RESET}" if color else _PLAIN_OPEN + text + _PLAIN_CLOSE
+            text = (
+                f"{_ANSI_TARGET}{text}{_ANSI_RESET}" if color else _PLAIN_OPEN + text + _PLAIN_CLOSE
+            )
         elif kind == RegionKind.CONTEXT and color:
             text = f"{_ANSI_CONTEXT}{text}{_ANSI_RESET}"
         parts.append(text)
@@ -74,7 +76,9 @@ def inspect_samples(
                 out.write(f"── {path}:{lineno}: dropped [{outcome[2]}]: {outcome[3]} tokens\n")
             elif status == "ok":
                 _, _, tokens, regions, truncated = outcome
-                targets = int(sum(e - s for s, e, k in regions.tolist() if k == RegionKind.ASSISTANT))
+                targets = int(
+                    sum(e - s for s, e, k in regions.tolist() if k == RegionKind.ASSISTANT)
+                )
                 note = " (truncated)" if truncated else ""
                 out.write(
                     f"── sample {shown + 1}: {path}:{lineno}: {tokens.size} tokens{note}, "

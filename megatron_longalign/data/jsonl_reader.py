@@ -10,9 +10,10 @@ import glob
 import gzip
 import os
 import zlib
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Iterator, Sequence
+from typing import BinaryIO
 
 _BOM = b"\xef\xbb\xbf"
 

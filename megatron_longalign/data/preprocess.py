@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 from megatron_longalign.data.conversation import BadSample, parse_conversation
 from megatron_longalign.data.encoding import EncodedSample, SampleEncoder
@@ -145,9 +145,10 @@ def preprocess(config: PreprocessConfig) -> PreprocessStats:
     lines_per_file = [0] * len(files)
     started = time.perf_counter()
     try:
-        with open(rejects_path, "w", encoding="utf-8") as rejects, _progress_bar(
-            files, config.progress
-        ) as bar:
+        with (
+            open(rejects_path, "w", encoding="utf-8") as rejects,
+            _progress_bar(files, config.progress) as bar,
+        ):
             for file_index, disk_bytes, outcomes in _processed_chunks(config, files):
                 path = files[file_index]
                 for outcome in outcomes:
@@ -241,7 +242,7 @@ def _metadata(config, files, lines_per_file, encoder, writer, stats) -> dict:
         },
         "inputs": [
             {"path": str(f), "bytes": f.stat().st_size, "lines": n}
-            for f, n in zip(files, lines_per_file)
+            for f, n in zip(files, lines_per_file, strict=True)
         ],
         **stats.to_dict(),
     }

@@ -16,8 +16,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 # A private-use character: it has no merges in any real vocabulary (it is byte-fallback
 # or unknown), so encoding SENTINEL + text never changes the text's own tokens.

@@ -10,8 +10,8 @@ from __future__ import annotations
 import io
 import json
 import os
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Iterable, Sequence
 
 TEMPLATE_SPECIAL_TOKENS = (
     "<|begin_of_text|>",

@@ -39,18 +39,36 @@ BAD_LINES = [
     ("no_assistant_turn", json.dumps(chat("only a question")).encode(), "no assistant turn"),
     (
         "non_alternating",
-        json.dumps({"messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}, {"role": "assistant", "content": "c"}]}).encode(),
+        json.dumps(
+            {
+                "messages": [
+                    {"role": "user", "content": "a"},
+                    {"role": "user", "content": "b"},
+                    {"role": "assistant", "content": "c"},
+                ]
+            }
+        ).encode(),
         "messages[1] is 'user' but 'assistant' was expected",
     ),
     (
         "non_alternating",
-        json.dumps({"messages": [{"role": "assistant", "content": "a"}, {"role": "user", "content": "b"}]}).encode(),
+        json.dumps(
+            {"messages": [{"role": "assistant", "content": "a"}, {"role": "user", "content": "b"}]}
+        ).encode(),
         "messages[0] is 'assistant'",
     ),
     ("non_alternating", json.dumps(chat("q", "a", "q2")).encode(), "trailing user turn"),
     (
         "non_alternating",
-        json.dumps({"messages": [{"role": "user", "content": "q"}, {"role": "system", "content": "s"}, {"role": "assistant", "content": "a"}]}).encode(),
+        json.dumps(
+            {
+                "messages": [
+                    {"role": "user", "content": "q"},
+                    {"role": "system", "content": "s"},
+                    {"role": "assistant", "content": "a"},
+                ]
+            }
+        ).encode(),
         "messages[1] is 'system'",
     ),
 ]

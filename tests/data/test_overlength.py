@@ -27,7 +27,9 @@ def per_token_kind(sample: EncodedSample) -> np.ndarray:
     return kinds
 
 
-@given(sample=samples(), data=st.data(), policy=st.sampled_from(["truncate-left", "truncate-middle"]))
+@given(
+    sample=samples(), data=st.data(), policy=st.sampled_from(["truncate-left", "truncate-middle"])
+)
 def test_truncation_preserves_token_kinds(sample, data, policy):
     limit = data.draw(st.integers(2, max(2, len(sample) - 1)))
     if len(sample) <= limit:

@@ -59,8 +59,19 @@ def test_output_is_a_megatron_indexed_dataset_matching_the_reference(tmp_path, s
 
     data = write_lines(tmp_path / "in.jsonl", GOOD)
     prefix = tmp_path / "out" / "ds"
-    assert run_cli("--input", data, "--tokenizer", sp_model, "--template", "llama3",
-                   "--output-prefix", prefix) == 0
+    assert (
+        run_cli(
+            "--input",
+            data,
+            "--tokenizer",
+            sp_model,
+            "--template",
+            "llama3",
+            "--output-prefix",
+            prefix,
+        )
+        == 0
+    )
     expected = reference(sp_model, "llama3", GOOD)
 
     megatron = IndexedDataset(str(prefix))
@@ -113,16 +124,38 @@ def test_output_is_byte_identical_for_any_worker_count(tmp_path, sp_model):
         stats = preprocess(config)
         results.append(outputs(out))
     assert stats.rejected and stats.truncated and stats.blank_lines
-    assert set(results[0]) == {"ds.bin", "ds.idx", "ds.regions.bin", "ds.regions.idx", "ds.json", "ds.rejects.jsonl"}
+    assert set(results[0]) == {
+        "ds.bin",
+        "ds.idx",
+        "ds.regions.bin",
+        "ds.regions.idx",
+        "ds.json",
+        "ds.rejects.jsonl",
+    }
     assert results[0] == results[1] == results[2]
 
 
 @pytest.mark.parametrize("reason,raw,fragment", BAD_LINES[::2] + [BAD_LINES[-1]])
-def test_bad_line_stops_naming_file_and_line_and_writes_nothing(tmp_path, sp_model, capsys, reason, raw, fragment):
+def test_bad_line_stops_naming_file_and_line_and_writes_nothing(
+    tmp_path, sp_model, capsys, reason, raw, fragment
+):
     data = write_lines(tmp_path / "in.jsonl", GOOD + [raw] + GOOD)
     out = tmp_path / "out"
-    assert run_cli("--input", data, "--tokenizer", sp_model, "--template", "chatml",
-                   "--output-prefix", out / "ds", "--workers", "2") == 1
+    assert (
+        run_cli(
+            "--input",
+            data,
+            "--tokenizer",
+            sp_model,
+            "--template",
+            "chatml",
+            "--output-prefix",
+            out / "ds",
+            "--workers",
+            "2",
+        )
+        == 1
+    )
     err = capsys.readouterr().err
     assert f"{data}:4:" in err and fragment in err and f"[{reason}]" in err
     assert "--skip-bad" in err
@@ -133,9 +166,33 @@ def test_failed_run_leaves_previous_outputs_untouched(tmp_path, sp_model):
     good = write_lines(tmp_path / "good.jsonl", GOOD)
     bad = write_lines(tmp_path / "bad.jsonl", GOOD + [b"{oops"])
     prefix = tmp_path / "out" / "ds"
-    assert run_cli("--input", good, "--tokenizer", sp_model, "--template", "plain", "--output-prefix", prefix) == 0
+    assert (
+        run_cli(
+            "--input",
+            good,
+            "--tokenizer",
+            sp_model,
+            "--template",
+            "plain",
+            "--output-prefix",
+            prefix,
+        )
+        == 0
+    )
     before = outputs(tmp_path / "out")
-    assert run_cli("--input", bad, "--tokenizer", sp_model, "--template", "plain", "--output-prefix", prefix) == 1
+    assert (
+        run_cli(
+            "--input",
+            bad,
+            "--tokenizer",
+            sp_model,
+            "--template",
+            "plain",
+            "--output-prefix",
+            prefix,
+        )
+        == 1
+    )
     assert outputs(tmp_path / "out") == before
 
 
@@ -147,10 +204,24 @@ def test_skip_bad_lists_every_rejected_line_with_reason(tmp_path, sp_model, caps
         expected_rejects.append((2 * index + 2, reason))
     data = write_lines(tmp_path / "in.jsonl", lines)
     prefix = tmp_path / "ds"
-    assert run_cli("--input", data, "--tokenizer", sp_model, "--template", "llama2",
-                   "--output-prefix", prefix, "--skip-bad") == 0
+    assert (
+        run_cli(
+            "--input",
+            data,
+            "--tokenizer",
+            sp_model,
+            "--template",
+            "llama2",
+            "--output-prefix",
+            prefix,
+            "--skip-bad",
+        )
+        == 0
+    )
     assert "rejects.jsonl" in capsys.readouterr().out
-    rejects = [json.loads(line) for line in (tmp_path / "ds.rejects.jsonl").read_text().splitlines()]
+    rejects = [
+        json.loads(line) for line in (tmp_path / "ds.rejects.jsonl").read_text().splitlines()
+    ]
     assert [(r["line"], r["reason"]) for r in rejects] == expected_rejects
     assert all(r["file"] == str(data) and r["message"] for r in rejects)
     assert rejects[0]["text"] == '{"messages": "\\xff\\xfe"}'  # invalid bytes kept visible
@@ -180,14 +251,26 @@ LONG = chat("word " * 200 + "\n\nWhat?", "The answer is long enough to matter he
 def _run_overlength(tmp_path, sp_model, policy, max_length, records=(LONG,)):
     data = write_lines(tmp_path / "in.jsonl", list(records))
     prefix = tmp_path / policy / "ds"
-    code = run_cli("--input", data, "--tokenizer", sp_model, "--template", "chatml",
-                   "--output-prefix", prefix, "--max-length", max_length, "--on-overlength", policy)
+    code = run_cli(
+        "--input",
+        data,
+        "--tokenizer",
+        sp_model,
+        "--template",
+        "chatml",
+        "--output-prefix",
+        prefix,
+        "--max-length",
+        max_length,
+        "--on-overlength",
+        policy,
+    )
     return code, prefix
 
 
 @pytest.mark.parametrize("policy", ["truncate-left", "truncate-middle"])
 def test_truncation_keeps_tokens_and_mask_aligned(tmp_path, sp_model, policy):
-    (tokens, mask), = reference(sp_model, "chatml", [LONG])
+    ((tokens, mask),) = reference(sp_model, "chatml", [LONG])
     limit = 64
     assert len(tokens) > limit
     code, prefix = _run_overlength(tmp_path, sp_model, policy, limit)
@@ -195,7 +278,9 @@ def test_truncation_keeps_tokens_and_mask_aligned(tmp_path, sp_model, policy):
     if policy == "truncate-left":
         keep = np.arange(len(tokens) - limit, len(tokens))
     else:
-        keep = np.concatenate([np.arange(limit // 2), np.arange(len(tokens) - (limit - limit // 2), len(tokens))])
+        keep = np.concatenate(
+            [np.arange(limit // 2), np.arange(len(tokens) - (limit - limit // 2), len(tokens))]
+        )
     sample = SFTIndexedDataset(str(prefix))[0]
     np.testing.assert_array_equal(sample.tokens, tokens[keep])
     np.testing.assert_array_equal(sample.loss_mask, mask[keep])
@@ -210,7 +295,9 @@ def test_overlength_drop_is_counted_and_listed(tmp_path, sp_model):
     meta = json.loads(Path(str(prefix) + ".json").read_text())
     assert meta["counts"]["dropped"] == {"overlength": 1}
     assert meta["counts"]["samples_written"] == 2
-    (reject,) = [json.loads(x) for x in Path(str(prefix) + ".rejects.jsonl").read_text().splitlines()]
+    (reject,) = [
+        json.loads(x) for x in Path(str(prefix) + ".rejects.jsonl").read_text().splitlines()
+    ]
     assert reject["line"] == 2 and reject["reason"] == "overlength"
 
 
@@ -238,8 +325,19 @@ def test_gzip_and_glob_inputs_with_blank_lines(tmp_path, sp_model):
     with gzip.open(tmp_path / "b.jsonl.gz", "wb") as f:
         f.write((json.dumps(GOOD[2]) + "\n\n").encode())
     prefix = tmp_path / "out" / "ds"
-    assert run_cli("--input", str(tmp_path / "*.jsonl*"), "--tokenizer", sp_model,
-                   "--template", "chatglm", "--output-prefix", prefix) == 0
+    assert (
+        run_cli(
+            "--input",
+            str(tmp_path / "*.jsonl*"),
+            "--tokenizer",
+            sp_model,
+            "--template",
+            "chatglm",
+            "--output-prefix",
+            prefix,
+        )
+        == 0
+    )
     meta = json.loads((tmp_path / "out" / "ds.json").read_text())
     assert [Path(i["path"]).name for i in meta["inputs"]] == ["a.jsonl", "b.jsonl.gz"]
     assert [i["lines"] for i in meta["inputs"]] == [3, 2]
@@ -252,8 +350,26 @@ def test_gzip_and_glob_inputs_with_blank_lines(tmp_path, sp_model):
 
 def test_utf8_bom_and_crlf_are_tolerated(tmp_path, sp_model):
     data = tmp_path / "win.jsonl"
-    data.write_bytes(b"\xef\xbb\xbf" + json.dumps(GOOD[0]).encode() + b"\r\n" + json.dumps(GOOD[1]).encode() + b"\r\n")
-    assert run_cli("--input", data, "--tokenizer", sp_model, "--template", "plain", "--output-prefix", tmp_path / "ds") == 0
+    data.write_bytes(
+        b"\xef\xbb\xbf"
+        + json.dumps(GOOD[0]).encode()
+        + b"\r\n"
+        + json.dumps(GOOD[1]).encode()
+        + b"\r\n"
+    )
+    assert (
+        run_cli(
+            "--input",
+            data,
+            "--tokenizer",
+            sp_model,
+            "--template",
+            "plain",
+            "--output-prefix",
+            tmp_path / "ds",
+        )
+        == 0
+    )
     assert len(SFTIndexedDataset(str(tmp_path / "ds"))) == 2
 
 
@@ -277,7 +393,10 @@ def test_unusable_arguments_fail_clearly(tmp_path, sp_model, capsys, args, messa
 
 def test_inspect_marks_the_trained_spans(tmp_path, sp_model, capsys):
     data = write_lines(tmp_path / "in.jsonl", [b"{bad", *GOOD])
-    assert run_cli("--input", data, "--tokenizer", sp_model, "--template", "llama2", "--inspect", 2) == 0
+    assert (
+        run_cli("--input", data, "--tokenizer", sp_model, "--template", "llama2", "--inspect", 2)
+        == 0
+    )
     out = capsys.readouterr().out
     assert "in.jsonl:1: rejected [invalid_json]" in out
     assert "⟦A doc.</s>⟧" in out and "⟦hello</s>⟧" in out and "⟦fine</s>⟧" in out
@@ -287,8 +406,18 @@ def test_inspect_marks_the_trained_spans(tmp_path, sp_model, capsys):
 
 def test_command_line_exit_codes(tmp_path, sp_model):
     data = write_lines(tmp_path / "in.jsonl", GOOD + [b'{"messages": 1}'])
-    base = [sys.executable, str(REPO / "tools" / "preprocess.py"), "--input", str(data),
-            "--tokenizer", sp_model, "--template", "plain", "--output-prefix", str(tmp_path / "ds")]
+    base = [
+        sys.executable,
+        str(REPO / "tools" / "preprocess.py"),
+        "--input",
+        str(data),
+        "--tokenizer",
+        sp_model,
+        "--template",
+        "plain",
+        "--output-prefix",
+        str(tmp_path / "ds"),
+    ]
     failed = subprocess.run(base, capture_output=True, text=True)
     assert failed.returncode == 1
     assert f"{data}:4: " in failed.stderr and "bad_schema" in failed.stderr

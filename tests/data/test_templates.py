@@ -19,15 +19,12 @@ from megatron_longalign.data.tokenizer import load_tokenizer
 from megatron_longalign.data.tokenizer_training import train_hf_bpe
 from tests.conftest import chat
 
-CONVERSATION = conversation_from_record(
-    chat("Doc.\n\nQ1?", "A1", "Q2", "A2", system="SYS")
-)
+CONVERSATION = conversation_from_record(chat("Doc.\n\nQ1?", "A1", "Q2", "A2", system="SYS"))
 
 # Written by hand from each format's specification, independently of the code.
 EXPECTED_RENDERING = {
     "llama2": (
-        "<s>[INST] <<SYS>>\nSYS\n<</SYS>>\n\nDoc.\n\nQ1? [/INST] A1</s>"
-        "<s>[INST] Q2 [/INST] A2</s>"
+        "<s>[INST] <<SYS>>\nSYS\n<</SYS>>\n\nDoc.\n\nQ1? [/INST] A1</s><s>[INST] Q2 [/INST] A2</s>"
     ),
     "llama3": (
         "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nSYS<|eot_id|>"
@@ -51,7 +48,7 @@ END_TOKEN |= {"chatglm": "</s>", "plain": "</s>"}
 def masked_spans(tokens: np.ndarray, mask: np.ndarray) -> list[tuple[int, int]]:
     """Maximal runs of True in mask, as (start, end)."""
     edges = np.flatnonzero(np.diff(np.concatenate([[0], mask.astype(int), [0]])))
-    return list(zip(edges[::2].tolist(), edges[1::2].tolist()))
+    return list(zip(edges[::2].tolist(), edges[1::2].tolist(), strict=True))
 
 
 def test_every_template_has_a_reference():
@@ -64,7 +61,10 @@ def test_round_trip_and_mask_against_reference(name, any_tokenizer):
     sample = encoder.encode(CONVERSATION)
     assert any_tokenizer.decode(sample.tokens.tolist()) == EXPECTED_RENDERING[name]
     mask = loss_mask_from_regions(sample.regions, len(sample))
-    spans = [any_tokenizer.decode(sample.tokens[a:b].tolist()) for a, b in masked_spans(sample.tokens, mask)]
+    spans = [
+        any_tokenizer.decode(sample.tokens[a:b].tolist())
+        for a, b in masked_spans(sample.tokens, mask)
+    ]
     assert spans == ["A1" + END_TOKEN[name], "A2" + END_TOKEN[name]]
 
 
@@ -125,7 +125,9 @@ def conversations(draw):
 
 
 @pytest.mark.parametrize("tokenizer_name", ["sentencepiece", "hf_byte_level"])
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 @given(data=conversations(), name=st.sampled_from(sorted(TEMPLATES)))
 def test_any_text_round_trips_with_exact_masks(tokenizer_paths, tokenizer_name, data, name):
     conversation, answers = data
@@ -134,5 +136,7 @@ def test_any_text_round_trips_with_exact_masks(tokenizer_paths, tokenizer_name, 
     sample = encoder.encode(conversation)
     assert tokenizer.decode(sample.tokens.tolist()) == encoder.render(conversation)
     mask = loss_mask_from_regions(sample.regions, len(sample))
-    spans = [tokenizer.decode(sample.tokens[a:b].tolist()) for a, b in masked_spans(sample.tokens, mask)]
+    spans = [
+        tokenizer.decode(sample.tokens[a:b].tolist()) for a, b in masked_spans(sample.tokens, mask)
+    ]
     assert spans == [answer + END_TOKEN[name] for answer in answers]
