@@ -28,13 +28,14 @@ class TemplateTokenizerMismatch(ValueError):
 class EncodedSample:
     tokens: np.ndarray  # (T,) TOKEN_DTYPE
     regions: np.ndarray  # (R, 3) REGION_DTYPE rows of (start, end, kind)
+    num_targets: int = -1  # computed from regions when not given
+
+    def __post_init__(self) -> None:
+        if self.num_targets < 0:
+            self.num_targets = target_token_count(self.regions)
 
     def __len__(self) -> int:
         return int(self.tokens.shape[0])
-
-    @property
-    def num_targets(self) -> int:
-        return target_token_count(self.regions)
 
 
 def target_token_count(regions: np.ndarray) -> int:
@@ -99,6 +100,7 @@ class SampleEncoder:
     def encode(self, conversation: Conversation) -> EncodedSample:
         ids: list[int] = []
         regions: list[list[int]] = []
+        targets = 0
         encode_text = self.tokenizer.encode
         for piece in self.template.pieces(conversation):
             start = len(ids)
@@ -109,10 +111,12 @@ class SampleEncoder:
             end = len(ids)
             if end == start:
                 continue
+            if piece.kind == RegionKind.ASSISTANT:
+                targets += end - start
             if regions and regions[-1][2] == piece.kind:
                 regions[-1][1] = end
             else:
                 regions.append([start, end, int(piece.kind)])
         return EncodedSample(
-            np.asarray(ids, dtype=TOKEN_DTYPE), np.asarray(regions, dtype=REGION_DTYPE)
+            np.asarray(ids, dtype=TOKEN_DTYPE), np.asarray(regions, dtype=REGION_DTYPE), targets
         )

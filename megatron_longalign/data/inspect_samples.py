@@ -8,6 +8,7 @@ from typing import TextIO
 import numpy as np
 
 from megatron_longalign.data.jsonl_reader import expand_inputs, read_chunks
+from megatron_longalign.data.preprocess import Dropped, Rejected, Written
 from megatron_longalign.data.templates import RegionKind
 from megatron_longalign.data.tokenizer import TextTokenizer
 
@@ -69,20 +70,19 @@ def inspect_samples(
         path = files[chunk.file_index]
         for lineno, raw in chunk.lines:
             outcome = processor.process_line(lineno, raw)
-            status = outcome[0]
-            if status == "bad":
-                out.write(f"── {path}:{lineno}: rejected [{outcome[2]}]: {outcome[3]}\n")
-            elif status == "drop":
-                out.write(f"── {path}:{lineno}: dropped [{outcome[2]}]: {outcome[3]} tokens\n")
-            elif status == "ok":
-                _, _, tokens, regions, truncated = outcome
-                targets = int(
-                    sum(e - s for s, e, k in regions.tolist() if k == RegionKind.ASSISTANT)
+            if isinstance(outcome, Rejected):
+                out.write(f"── {path}:{lineno}: rejected [{outcome.reason}]: {outcome.message}\n")
+            elif isinstance(outcome, Dropped):
+                out.write(
+                    f"── {path}:{lineno}: dropped [{outcome.reason}]: {outcome.num_tokens} tokens\n"
                 )
-                note = " (truncated)" if truncated else ""
+            elif isinstance(outcome, Written):
+                tokens, regions = outcome.tokens, outcome.regions
+                note = " (truncated)" if outcome.truncated else ""
                 out.write(
                     f"── sample {shown + 1}: {path}:{lineno}: {tokens.size} tokens{note}, "
-                    f"{targets} target tokens ⟦marked⟧; by region: {_region_summary(regions)}\n"
+                    f"{outcome.num_targets} target tokens ⟦marked⟧; "
+                    f"by region: {_region_summary(regions)}\n"
                 )
                 text = format_sample(tokens, regions, processor.encoder.tokenizer, color, max_chars)
                 out.write(text + "\n\n")

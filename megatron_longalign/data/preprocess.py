@@ -14,9 +14,12 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
 
 from megatron_longalign.data.conversation import BadSample, parse_conversation
-from megatron_longalign.data.encoding import EncodedSample, SampleEncoder
+from megatron_longalign.data.encoding import SampleEncoder
 from megatron_longalign.data.indexed import FORMAT
 from megatron_longalign.data.jsonl_reader import Chunk, expand_inputs, read_chunks
 from megatron_longalign.data.overlength import OVERLENGTH_POLICIES, truncate
@@ -60,9 +63,36 @@ class PreprocessConfig:
             raise ValueError("--workers must be >= 1")
 
 
-# Worker outcomes are plain tuples (cheap to pickle):
-#   ("ok", line, tokens, regions, truncated) | ("blank", line)
-#   ("drop", line, reason, num_tokens)       | ("bad", line, reason, message, text)
+class Written(NamedTuple):
+    line: int
+    tokens: np.ndarray
+    regions: np.ndarray
+    num_targets: int
+    truncated: bool
+
+
+class Blank(NamedTuple):
+    line: int
+
+
+class Dropped(NamedTuple):
+    """A valid sample that is not written (e.g. over --max-length)."""
+
+    line: int
+    reason: str
+    num_tokens: int
+
+
+class Rejected(NamedTuple):
+    """A bad input line; `text` is the line with invalid bytes escaped."""
+
+    line: int
+    reason: str
+    message: str
+    text: str
+
+
+Outcome = Written | Blank | Dropped | Rejected
 
 
 class SampleProcessor:
@@ -70,26 +100,27 @@ class SampleProcessor:
         self.spec = spec
         self.encoder = SampleEncoder(load_tokenizer(spec.tokenizer), get_template(spec.template))
 
-    def process_line(self, lineno: int, raw: bytes) -> tuple:
+    def process_line(self, lineno: int, raw: bytes) -> Outcome:
         if not raw or raw.isspace():
-            return ("blank", lineno)
+            return Blank(lineno)
         try:
             conversation = parse_conversation(raw)
         except BadSample as bad:
-            return ("bad", lineno, bad.reason, bad.message, raw.decode("utf-8", "backslashreplace"))
+            text = raw.decode("utf-8", "backslashreplace")
+            return Rejected(lineno, bad.reason, bad.message, text)
         sample = self.encoder.encode(conversation)
         limit = self.spec.max_length
         truncated = False
         if limit is not None and len(sample) > limit:
             if self.spec.on_overlength in ("drop", "error"):
-                return ("drop", lineno, "overlength", len(sample))
+                return Dropped(lineno, "overlength", len(sample))
             sample = truncate(sample, limit, self.spec.on_overlength)
             truncated = True
             if sample.num_targets == 0:
-                return ("drop", lineno, "no_target_after_truncation", limit)
-        return ("ok", lineno, sample.tokens, sample.regions, truncated)
+                return Dropped(lineno, "no_target_after_truncation", limit)
+        return Written(lineno, sample.tokens, sample.regions, sample.num_targets, truncated)
 
-    def process_chunk(self, chunk: Chunk) -> tuple[int, int, list[tuple]]:
+    def process_chunk(self, chunk: Chunk) -> tuple[int, int, list[Outcome]]:
         outcomes = [self.process_line(lineno, raw) for lineno, raw in chunk.lines]
         return chunk.file_index, chunk.disk_bytes, outcomes
 
@@ -102,7 +133,7 @@ def _init_worker(spec: EncodeSpec) -> None:
     _WORKER = SampleProcessor(spec)
 
 
-def _process_chunk(chunk: Chunk) -> tuple[int, int, list[tuple]]:
+def _process_chunk(chunk: Chunk) -> tuple[int, int, list[Outcome]]:
     assert _WORKER is not None
     return _WORKER.process_chunk(chunk)
 
@@ -152,7 +183,7 @@ def preprocess(config: PreprocessConfig) -> PreprocessStats:
             for file_index, disk_bytes, outcomes in _processed_chunks(config, files):
                 path = files[file_index]
                 for outcome in outcomes:
-                    lines_per_file[file_index] = outcome[1]
+                    lines_per_file[file_index] = outcome.line
                     _record(outcome, path, config, stats, writer, rejects)
                 bar.update(disk_bytes)
                 elapsed = max(time.perf_counter() - started, 1e-9)
@@ -176,43 +207,37 @@ def preprocess(config: PreprocessConfig) -> PreprocessStats:
 
 
 def _record(
-    outcome: tuple,
+    outcome: Outcome,
     path: Path,
     config: PreprocessConfig,
     stats: PreprocessStats,
     writer,
     rejects,
 ) -> None:
-    status, lineno = outcome[0], outcome[1]
-    if status == "blank":
-        stats.blank_lines += 1
-        stats.lines += 1
-        return
     stats.lines += 1
-    if status == "ok":
-        _, _, tokens, regions, truncated = outcome
-        sample = EncodedSample(tokens, regions)
-        writer.add(tokens, regions)
-        stats.add_sample(len(sample), sample.num_targets, truncated)
-    elif status == "drop":
-        _, _, reason, num_tokens = outcome
-        if reason == "overlength" and config.spec.on_overlength == "error":
+    if isinstance(outcome, Written):
+        writer.add(outcome.tokens, outcome.regions)
+        stats.add_sample(outcome.tokens.size, outcome.num_targets, outcome.truncated)
+    elif isinstance(outcome, Blank):
+        stats.blank_lines += 1
+    elif isinstance(outcome, Dropped):
+        if outcome.reason == "overlength" and config.spec.on_overlength == "error":
             raise PreprocessError(
-                f"{path}:{lineno}: sample has {num_tokens} tokens, more than --max-length "
-                f"{config.spec.max_length} (--on-overlength error)"
+                f"{path}:{outcome.line}: sample has {outcome.num_tokens} tokens, more than "
+                f"--max-length {config.spec.max_length} (--on-overlength error)"
             )
-        stats.dropped[reason] += 1
-        _write_reject(rejects, path, lineno, reason, f"{num_tokens} tokens", None)
+        stats.dropped[outcome.reason] += 1
+        message = f"{outcome.num_tokens} tokens"
+        _write_reject(rejects, path, outcome.line, outcome.reason, message, None)
     else:
-        _, _, reason, message, text = outcome
         if not config.skip_bad:
             raise PreprocessError(
-                f"{path}:{lineno}: {message} [{reason}]\n"
+                f"{path}:{outcome.line}: {outcome.message} [{outcome.reason}]\n"
                 "(pass --skip-bad to skip such lines and list them in "
                 f"{config.output_prefix}.rejects.jsonl)"
             )
-        stats.rejected[reason] += 1
-        _write_reject(rejects, path, lineno, reason, message, text)
+        stats.rejected[outcome.reason] += 1
+        _write_reject(rejects, path, outcome.line, outcome.reason, outcome.message, outcome.text)
 
 
 def _write_reject(rejects, path: Path, lineno: int, reason: str, message: str, text) -> None:
@@ -225,8 +250,6 @@ def _write_reject(rejects, path: Path, lineno: int, reason: str, message: str, t
 def _metadata(config, files, lines_per_file, encoder, writer, stats) -> dict:
     """P.json. Deliberately free of timestamps and worker counts: identical inputs and
     settings must give byte-identical outputs."""
-    import numpy as np
-
     return {
         "format": FORMAT,
         "documents": writer.count,

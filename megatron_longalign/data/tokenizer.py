@@ -124,12 +124,32 @@ class SentencePieceTokenizer(TextTokenizer):
         self.bos_id = self._sp.bos_id() if self._sp.bos_id() >= 0 else None
         self.eos_id = self._sp.eos_id() if self._sp.eos_id() >= 0 else None
         self._control = frozenset(i for i in range(self.vocab_size) if self._sp.is_control(i))
-        self._encode = self._sp.encode_as_ids
+        self._encode = self._fastest_encode()
         if not self._is_concatenation_safe():
             raise TokenizerError(
                 f"{model_file}: encoding is not concatenation-safe (its normaliser rewrites "
                 "text), so loss masks cannot be aligned to template pieces"
             )
+
+    def _fastest_encode(self):
+        """sentencepiece's public `encode_as_ids` spends ~40% of a short piece's time in
+        Python argument handling. Its native binding is used directly when present and
+        verified to agree with the public call; otherwise the public call."""
+        public = self._sp.encode_as_ids
+        native = getattr(getattr(self._sp, "_processor", None), "_EncodeAsIds", None)
+        if native is None:
+            return public
+
+        def fast(text: str) -> list[int]:
+            # (text, enable_sampling, nbest_size, alpha, add_bos, add_eos, reverse)
+            return native(text, False, -1, 0.1, False, False, False)
+
+        probes = ("Hello  world\n\n", "x<s>y", "東京 café 123", " ")
+        try:
+            agrees = all(fast(text) == public(text) for text in probes)
+        except (TypeError, RuntimeError):
+            agrees = False
+        return fast if agrees else public
 
     def encode(self, text: str) -> list[int]:
         return self._encode(text)

@@ -17,6 +17,7 @@ from megatron_longalign.data.conversation import conversation_from_record
 from megatron_longalign.data.encoding import SampleEncoder, loss_mask_from_regions
 from megatron_longalign.data.indexed import SFTIndexedDataset
 from megatron_longalign.data.preprocess import (
+    Dropped,
     EncodeSpec,
     PreprocessConfig,
     SampleProcessor,
@@ -314,7 +315,7 @@ def test_truncation_that_removes_every_target_drops_the_sample(tmp_path, sp_mode
     # so the sample is dropped; with nothing left to write the run fails, giving reasons.
     processor = SampleProcessor(EncodeSpec(sp_model, "chatml", 2, "truncate-middle"))
     outcome = processor.process_line(7, json.dumps(LONG).encode())
-    assert outcome[:3] == ("drop", 7, "no_target_after_truncation")
+    assert outcome == Dropped(7, "no_target_after_truncation", 2)
     code, _ = _run_overlength(tmp_path, sp_model, "truncate-middle", 2)
     assert code == 1
     assert "no sample was written" in capsys.readouterr().err
