@@ -72,6 +72,10 @@ class SampleEncoder:
         for piece in template.pieces(_PROBE):
             if piece.special is not None:
                 self._special_ids[piece.special] = self._resolve(piece.special)
+        self._special_arrays = {
+            special: np.array([token_id], dtype=TOKEN_DTYPE)
+            for special, token_id in self._special_ids.items()
+        }
 
     def _resolve(self, special: str) -> int:
         tok = self.tokenizer
@@ -98,25 +102,25 @@ class SampleEncoder:
         return "".join(self.piece_text(p) for p in self.template.pieces(conversation))
 
     def encode(self, conversation: Conversation) -> EncodedSample:
-        ids: list[int] = []
+        parts: list[np.ndarray] = []
         regions: list[list[int]] = []
         targets = 0
-        encode_text = self.tokenizer.encode
+        end = 0
+        encode_text = self.tokenizer.encode_array
         for piece in self.template.pieces(conversation):
-            start = len(ids)
             if piece.special is not None:
-                ids.append(self._special_ids[piece.special])
+                part = self._special_arrays[piece.special]
             else:
-                ids.extend(encode_text(piece.text))
-            end = len(ids)
-            if end == start:
+                part = encode_text(piece.text)
+            if not part.size:
                 continue
+            parts.append(part)
+            start, end = end, end + part.size
             if piece.kind == RegionKind.ASSISTANT:
-                targets += end - start
+                targets += part.size
             if regions and regions[-1][2] == piece.kind:
                 regions[-1][1] = end
             else:
                 regions.append([start, end, int(piece.kind)])
-        return EncodedSample(
-            np.asarray(ids, dtype=TOKEN_DTYPE), np.asarray(regions, dtype=REGION_DTYPE), targets
-        )
+        tokens = np.concatenate(parts).astype(TOKEN_DTYPE, copy=False)
+        return EncodedSample(tokens, np.asarray(regions, dtype=REGION_DTYPE), targets)
