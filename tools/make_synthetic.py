@@ -25,7 +25,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--output-dir", required=True, help="directory for the JSONL files")
     parser.add_argument("--num-long", type=int, default=48, help="long-context samples")
     parser.add_argument("--num-short", type=int, default=400, help="short chat samples")
-    parser.add_argument("--min-words", type=int, default=350, help="shortest long context")
+    parser.add_argument("--min-words", type=int, default=600, help="shortest long context")
     parser.add_argument("--max-words", type=int, default=14000, help="longest long context")
     parser.add_argument("--seed", type=int, default=1234)
     parser.add_argument("--style", choices=synthetic.STYLES, default="messages")

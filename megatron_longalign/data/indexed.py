@@ -54,13 +54,15 @@ class SFTIndexedDataset:
             raise ValueError(
                 f"{prefix}: {len(self.tokens)} token rows but {len(self.regions)} region rows"
             )
+        self._lengths = np.array(self.tokens.sequence_lengths)
 
     def __len__(self) -> int:
         return len(self.tokens)
 
     @property
     def lengths(self) -> np.ndarray:
-        return self.tokens.sequence_lengths
+        """Token count per sample (a copy: see __getitem__)."""
+        return self._lengths
 
     def __getitem__(self, index: int) -> SFTSample:
         # Copies, not views: megatron's IndexedDataset closes its mmap in __del__, and a

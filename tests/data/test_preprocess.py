@@ -425,3 +425,31 @@ def test_command_line_exit_codes(tmp_path, sp_model):
     passed = subprocess.run(base + ["--skip-bad", "--no-progress"], capture_output=True, text=True)
     assert passed.returncode == 0, passed.stderr
     assert "rejected: bad_schema" in passed.stdout
+
+
+def test_samples_and_lengths_outlive_the_dataset_object(tmp_path, sp_model):
+    """megatron's IndexedDataset unmaps its files in __del__; what the reader hands out
+    must not be views into that memory (this used to segfault)."""
+    import gc
+
+    data = write_lines(tmp_path / "in.jsonl", GOOD)
+    assert (
+        run_cli(
+            "--input",
+            data,
+            "--tokenizer",
+            sp_model,
+            "--template",
+            "plain",
+            "--output-prefix",
+            tmp_path / "ds",
+        )
+        == 0
+    )
+    dataset = SFTIndexedDataset(str(tmp_path / "ds"))
+    sample, lengths = dataset[1], dataset.lengths
+    expected_tokens, expected_lengths = sample.tokens.tolist(), lengths.tolist()
+    del dataset
+    gc.collect()
+    assert sample.tokens.tolist() == expected_tokens and lengths.tolist() == expected_lengths
+    assert sample.loss_mask.sum() > 0

