@@ -44,6 +44,12 @@ def run_cli(*args) -> int:
     return cli.main([str(a) for a in args] + ["--no-progress"])
 
 
+def convert(data, tokenizer, template, prefix, *extra) -> int:
+    """tools/preprocess.py on `data`; returns its exit code."""
+    args = ("--input", data, "--tokenizer", tokenizer, "--template", template)
+    return run_cli(*args, "--output-prefix", prefix, *extra)
+
+
 def reference(tokenizer_path: str, template: str, records: list[dict]):
     """Token ids and masks computed in-process, one record at a time."""
     encoder = SampleEncoder(load_tokenizer(tokenizer_path), get_template(template))
@@ -60,19 +66,7 @@ def test_output_is_a_megatron_indexed_dataset_matching_the_reference(tmp_path, s
 
     data = write_lines(tmp_path / "in.jsonl", GOOD)
     prefix = tmp_path / "out" / "ds"
-    assert (
-        run_cli(
-            "--input",
-            data,
-            "--tokenizer",
-            sp_model,
-            "--template",
-            "llama3",
-            "--output-prefix",
-            prefix,
-        )
-        == 0
-    )
+    assert convert(data, sp_model, "llama3", prefix) == 0
     expected = reference(sp_model, "llama3", GOOD)
 
     megatron = IndexedDataset(str(prefix))
@@ -142,21 +136,7 @@ def test_bad_line_stops_naming_file_and_line_and_writes_nothing(
 ):
     data = write_lines(tmp_path / "in.jsonl", GOOD + [raw] + GOOD)
     out = tmp_path / "out"
-    assert (
-        run_cli(
-            "--input",
-            data,
-            "--tokenizer",
-            sp_model,
-            "--template",
-            "chatml",
-            "--output-prefix",
-            out / "ds",
-            "--workers",
-            "2",
-        )
-        == 1
-    )
+    assert convert(data, sp_model, "chatml", out / "ds", "--workers", "2") == 1
     err = capsys.readouterr().err
     assert f"{data}:4:" in err and fragment in err and f"[{reason}]" in err
     assert "--skip-bad" in err
@@ -167,33 +147,9 @@ def test_failed_run_leaves_previous_outputs_untouched(tmp_path, sp_model):
     good = write_lines(tmp_path / "good.jsonl", GOOD)
     bad = write_lines(tmp_path / "bad.jsonl", GOOD + [b"{oops"])
     prefix = tmp_path / "out" / "ds"
-    assert (
-        run_cli(
-            "--input",
-            good,
-            "--tokenizer",
-            sp_model,
-            "--template",
-            "plain",
-            "--output-prefix",
-            prefix,
-        )
-        == 0
-    )
+    assert convert(good, sp_model, "plain", prefix) == 0
     before = outputs(tmp_path / "out")
-    assert (
-        run_cli(
-            "--input",
-            bad,
-            "--tokenizer",
-            sp_model,
-            "--template",
-            "plain",
-            "--output-prefix",
-            prefix,
-        )
-        == 1
-    )
+    assert convert(bad, sp_model, "plain", prefix) == 1
     assert outputs(tmp_path / "out") == before
 
 
@@ -205,20 +161,7 @@ def test_skip_bad_lists_every_rejected_line_with_reason(tmp_path, sp_model, caps
         expected_rejects.append((2 * index + 2, reason))
     data = write_lines(tmp_path / "in.jsonl", lines)
     prefix = tmp_path / "ds"
-    assert (
-        run_cli(
-            "--input",
-            data,
-            "--tokenizer",
-            sp_model,
-            "--template",
-            "llama2",
-            "--output-prefix",
-            prefix,
-            "--skip-bad",
-        )
-        == 0
-    )
+    assert convert(data, sp_model, "llama2", prefix, "--skip-bad") == 0
     assert "rejects.jsonl" in capsys.readouterr().out
     rejects = [
         json.loads(line) for line in (tmp_path / "ds.rejects.jsonl").read_text().splitlines()
@@ -252,19 +195,8 @@ LONG = chat("word " * 200 + "\n\nWhat?", "The answer is long enough to matter he
 def _run_overlength(tmp_path, sp_model, policy, max_length, records=(LONG,)):
     data = write_lines(tmp_path / "in.jsonl", list(records))
     prefix = tmp_path / policy / "ds"
-    code = run_cli(
-        "--input",
-        data,
-        "--tokenizer",
-        sp_model,
-        "--template",
-        "chatml",
-        "--output-prefix",
-        prefix,
-        "--max-length",
-        max_length,
-        "--on-overlength",
-        policy,
+    code = convert(
+        data, sp_model, "chatml", prefix, "--max-length", max_length, "--on-overlength", policy
     )
     return code, prefix
 
@@ -326,19 +258,7 @@ def test_gzip_and_glob_inputs_with_blank_lines(tmp_path, sp_model):
     with gzip.open(tmp_path / "b.jsonl.gz", "wb") as f:
         f.write((json.dumps(GOOD[2]) + "\n\n").encode())
     prefix = tmp_path / "out" / "ds"
-    assert (
-        run_cli(
-            "--input",
-            str(tmp_path / "*.jsonl*"),
-            "--tokenizer",
-            sp_model,
-            "--template",
-            "chatglm",
-            "--output-prefix",
-            prefix,
-        )
-        == 0
-    )
+    assert convert(str(tmp_path / "*.jsonl*"), sp_model, "chatglm", prefix) == 0
     meta = json.loads((tmp_path / "out" / "ds.json").read_text())
     assert [Path(i["path"]).name for i in meta["inputs"]] == ["a.jsonl", "b.jsonl.gz"]
     assert [i["lines"] for i in meta["inputs"]] == [3, 2]
@@ -358,19 +278,7 @@ def test_utf8_bom_and_crlf_are_tolerated(tmp_path, sp_model):
         + json.dumps(GOOD[1]).encode()
         + b"\r\n"
     )
-    assert (
-        run_cli(
-            "--input",
-            data,
-            "--tokenizer",
-            sp_model,
-            "--template",
-            "plain",
-            "--output-prefix",
-            tmp_path / "ds",
-        )
-        == 0
-    )
+    assert convert(data, sp_model, "plain", tmp_path / "ds") == 0
     assert len(SFTIndexedDataset(str(tmp_path / "ds"))) == 2
 
 
@@ -433,19 +341,7 @@ def test_samples_and_lengths_outlive_the_dataset_object(tmp_path, sp_model):
     import gc
 
     data = write_lines(tmp_path / "in.jsonl", GOOD)
-    assert (
-        run_cli(
-            "--input",
-            data,
-            "--tokenizer",
-            sp_model,
-            "--template",
-            "plain",
-            "--output-prefix",
-            tmp_path / "ds",
-        )
-        == 0
-    )
+    assert convert(data, sp_model, "plain", tmp_path / "ds") == 0
     dataset = SFTIndexedDataset(str(tmp_path / "ds"))
     sample, lengths = dataset[1], dataset.lengths
     expected_tokens, expected_lengths = sample.tokens.tolist(), lengths.tolist()
