@@ -10,6 +10,7 @@ of workers. All outputs are written under temporary names and published at the e
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -61,6 +62,11 @@ class PreprocessConfig:
             raise ValueError("--max-length must be at least 2")
         if self.workers < 1:
             raise ValueError("--workers must be >= 1")
+        if self.output_prefix.endswith(("/", os.sep)) or Path(self.output_prefix).is_dir():
+            raise ValueError(
+                f"--output-prefix {self.output_prefix!r} is a directory; give a file prefix "
+                "such as out/long (writes out/long.bin, out/long.idx, ...)"
+            )
 
 
 class Written(NamedTuple):

@@ -289,6 +289,7 @@ def test_utf8_bom_and_crlf_are_tolerated(tmp_path, sp_model):
         (("--input", "{tmp}/*.nothing"), "matches no file"),
         (("--input", "{data}", "--tokenizer", "{tmp}/no_tokenizer"), "tokenizer path"),
         (("--input", "{data}", "--workers", "0"), "--workers"),
+        (("--input", "{data}", "--output-prefix", "{tmp}/"), "is a directory"),
     ],
 )
 def test_unusable_arguments_fail_clearly(tmp_path, sp_model, capsys, args, message):
@@ -296,7 +297,9 @@ def test_unusable_arguments_fail_clearly(tmp_path, sp_model, capsys, args, messa
     args = [a.format(tmp=tmp_path, data=data) for a in args]
     if "--tokenizer" not in args:
         args += ["--tokenizer", sp_model]
-    assert run_cli(*args, "--template", "plain", "--output-prefix", tmp_path / "out" / "ds") == 1
+    if "--output-prefix" not in args:
+        args += ["--output-prefix", tmp_path / "out" / "ds"]
+    assert run_cli(*args, "--template", "plain") == 1
     assert message in capsys.readouterr().err
 
 
