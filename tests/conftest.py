@@ -69,3 +69,33 @@ def chat(*contents: str, system: str | None = None) -> dict:
     for i, content in enumerate(contents):
         messages.append({"role": "user" if i % 2 == 0 else "assistant", "content": content})
     return {"messages": messages}
+
+
+@pytest.fixture(scope="session")
+def sample_prefixes(tmp_path_factory, sp_model) -> dict[str, str]:
+    """Two small preprocessed datasets (long-ish retrieval samples, short chats) built
+    with the session's sentencepiece tokenizer: name -> output prefix."""
+    from megatron_longalign.data.preprocess import EncodeSpec, PreprocessConfig, preprocess
+    from megatron_longalign.data.synthetic import (
+        generate_long_samples,
+        generate_short_chats,
+        write_jsonl,
+    )
+
+    root = tmp_path_factory.mktemp("datasets")
+    records = {
+        "long": list(generate_long_samples(12, 100, 900, seed=11)),
+        "short": list(generate_short_chats(60, seed=12)),
+    }
+    prefixes = {}
+    for name, recs in records.items():
+        write_jsonl(recs, root / f"{name}.jsonl")
+        prefixes[name] = str(root / name)
+        config = PreprocessConfig(
+            inputs=(str(root / f"{name}.jsonl"),),
+            output_prefix=prefixes[name],
+            spec=EncodeSpec(sp_model, "llama3"),
+            progress=False,
+        )
+        preprocess(config)
+    return prefixes

@@ -4,7 +4,9 @@ A piece is either plain text or one special token (by its string, or the aliases
 BOS/EOS that resolve to the tokenizer's own begin/end-of-sequence tokens). Each piece
 carries a `RegionKind`; the loss mask is exactly the ASSISTANT regions, i.e. every
 assistant content plus the end-of-turn token that closes it. Template scaffolding, system
-and user text are never targets.
+and user text are never targets. Where a template closes every turn with a special token
+(llama3, chatml), that token belongs to its turn's region, so a turn boundary is always
+at the start of the next turn's header.
 
 User content is split at its last paragraph break ("\n\n") into CONTEXT + USER so that
 later stages (SkipAlign) know where a long context ends and the question starts. Both
@@ -96,9 +98,12 @@ class Llama3Template(ChatTemplate):
             if turn.role == ASSISTANT:
                 out += _answer(turn.content, "<|eot_id|>")
             elif turn.role == SYSTEM:
-                out += [Piece(RegionKind.SYSTEM, turn.content), _special("<|eot_id|>")]
+                out += [
+                    Piece(RegionKind.SYSTEM, turn.content),
+                    _special("<|eot_id|>", RegionKind.SYSTEM),
+                ]
             else:
-                out += user_pieces(turn.content) + [_special("<|eot_id|>")]
+                out += user_pieces(turn.content) + [_special("<|eot_id|>", RegionKind.USER)]
         return out
 
 
@@ -113,9 +118,12 @@ class ChatMLTemplate(ChatTemplate):
             if turn.role == ASSISTANT:
                 out += _answer(turn.content, "<|im_end|>")
             elif turn.role == SYSTEM:
-                out += [Piece(RegionKind.SYSTEM, turn.content), _special("<|im_end|>")]
+                out += [
+                    Piece(RegionKind.SYSTEM, turn.content),
+                    _special("<|im_end|>", RegionKind.SYSTEM),
+                ]
             else:
-                out += user_pieces(turn.content) + [_special("<|im_end|>")]
+                out += user_pieces(turn.content) + [_special("<|im_end|>", RegionKind.USER)]
             out.append(_t("\n"))
         return out
 

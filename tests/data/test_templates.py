@@ -81,9 +81,11 @@ def test_regions_tile_the_sample_and_split_context(name, any_tokenizer):
         rows = regions[regions[:, 2] == kind]
         return [any_tokenizer.decode(sample.tokens[s:e].tolist()) for s, e, _ in rows]
 
+    # A turn's own closing special token (llama3, chatml) belongs to the turn.
+    closing = {"llama3": "<|eot_id|>", "chatml": "<|im_end|>"}.get(name, "")
     assert texts(RegionKind.CONTEXT) == ["Doc.\n\n"]
-    assert texts(RegionKind.USER) == ["Q1?", "Q2"]
-    assert texts(RegionKind.SYSTEM) == ["SYS"]
+    assert texts(RegionKind.USER) == ["Q1?" + closing, "Q2" + closing]
+    assert texts(RegionKind.SYSTEM) == ["SYS" + closing]
 
 
 def test_special_token_strings_in_user_text_stay_text(any_tokenizer):

@@ -1,0 +1,313 @@
+"""The global batch plan: which samples every data-parallel rank sees at every step.
+
+Everything is a pure function of (seed, epoch, sample lengths, config), so every rank
+computes the same plan with no communication, and a run resumed at (epoch, step)
+continues the exact same stream.
+
+Per epoch:
+1. pool: the epoch's global sample ids (mixture weights), shuffled;
+2. units, by batching mode:
+   - packed: the shuffled pool packed into packs of <= seq_length tokens (next_fit keeps
+     the shuffled order; the decreasing algorithms sort by length), pack order shuffled;
+   - sorted (LongAlign's sorted batching): the pool sorted by length (ties in shuffled
+     order), cut into global batches of similar lengths, batch order shuffled;
+   - naive: the shuffled pool, one sample per unit (micro-batches padded to the longest);
+3. global batches of `global_batch_size` units (the last one may be smaller: nothing is
+   dropped); within each, units are assigned to ranks balancing estimated cost
+   (sum over documents of L + L^2 / attention_equiv_length), at most
+   micro_batch_size * num_micro_batches units per rank; each rank's units are ordered by
+   cost and grouped into micro-batches. Ranks left with fewer units get empty
+   micro-batches (a zero-weight pad), so all ranks run the same number of micro-batches;
+4. loss weights from the global batch's target counts (see `weights`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from functools import lru_cache
+
+import numpy as np
+
+from megatron_longalign.config.data import DataConfig
+from megatron_longalign.data.mixture import (
+    STREAM_SHUFFLE,
+    STREAM_UNIT_ORDER,
+    epoch_pool,
+    epoch_rng,
+)
+from megatron_longalign.data.packing import pack_samples
+from megatron_longalign.data.weights import per_token_weights
+
+
+@dataclass(frozen=True)
+class MicroBatchPlan:
+    samples: np.ndarray  # int64 global sample ids, in document order (may be empty)
+    weights: np.ndarray  # float64 loss weight of each target token, per sample
+    pad_to: int = 0  # naive batching: pad each sample to this length (0: no padding)
+
+    @property
+    def is_empty(self) -> bool:
+        return self.samples.size == 0
+
+
+@dataclass(frozen=True)
+class GlobalBatch:
+    epoch: int
+    step: int  # index of this global batch within its epoch
+    micro_batches: list[list[MicroBatchPlan]]  # [dp_rank][micro_batch]
+    rank_costs: np.ndarray  # (dp,) estimated cost per rank
+    num_samples: int
+    num_sequences: int  # samples with >= 1 predicted target (M)
+    real_tokens: int
+    target_tokens: int
+
+    @property
+    def imbalance(self) -> float:
+        """max / mean rank cost (1.0 = perfectly balanced)."""
+        mean = float(self.rank_costs.mean())
+        return float(self.rank_costs.max()) / mean if mean > 0 else 1.0
+
+
+@dataclass(frozen=True)
+class PlanPosition:
+    """Where the data stream is: the next global batch is `step` of `epoch`."""
+
+    epoch: int = 0
+    step: int = 0
+
+
+@dataclass(frozen=True)
+class EpochUnits:
+    """One epoch's units in order (CSR over global sample ids) and the global batches
+    as ranges of units."""
+
+    members: np.ndarray  # int64 global ids
+    unit_offsets: np.ndarray  # (num_units + 1,)
+    batch_offsets: np.ndarray  # (num_batches + 1,) in units
+
+    @property
+    def num_batches(self) -> int:
+        return int(self.batch_offsets.size - 1)
+
+    def unit(self, u: int) -> np.ndarray:
+        return self.members[self.unit_offsets[u] : self.unit_offsets[u + 1]]
+
+
+@dataclass
+class PlannerReport:
+    """What the planner left out, for the logs (never silent)."""
+
+    dropped_overlength: int = 0
+    dropped_examples: list[int] = field(default_factory=list)
+
+
+class GlobalBatchPlanner:
+    def __init__(
+        self,
+        lengths: np.ndarray,
+        target_counts: np.ndarray,
+        source_sizes: Sequence[int],
+        source_weights: Sequence[float],
+        config: DataConfig,
+        dp_size: int = 1,
+        loss_reduction: str = "sequence",
+    ) -> None:
+        config.validate(dp_size)
+        self.config = config
+        self.dp_size = dp_size
+        self.loss_reduction = loss_reduction
+        self.lengths = np.asarray(lengths, dtype=np.int64)
+        self.target_counts = np.asarray(target_counts, dtype=np.int64)
+        self.source_sizes = list(source_sizes)
+        self.source_weights = list(source_weights)
+        if self.lengths.size != sum(self.source_sizes):
+            raise ValueError("lengths must cover all samples of all sources")
+        self.micro_batches_per_rank = config.global_batch_size // (
+            config.micro_batch_size * dp_size
+        )
+        self.report = PlannerReport()
+        self._usable = self._check_lengths()
+        per_token = float(config.attention_equiv_length)
+        self._cost = self.lengths + self.lengths.astype(np.float64) ** 2 / per_token
+        self._epoch_units = lru_cache(maxsize=2)(self._build_epoch_units)
+
+    def _check_lengths(self) -> np.ndarray:
+        too_long = np.flatnonzero(self.lengths > self.config.seq_length)
+        if too_long.size and self.config.on_overlength == "error":
+            raise ValueError(
+                f"{too_long.size} sample(s) are longer than data.seq_length="
+                f"{self.config.seq_length} (longest {int(self.lengths.max())} tokens, e.g. "
+                f"global id {int(too_long[0])}); re-run tools/preprocess.py with "
+                f"--max-length {self.config.seq_length}, or set data.on_overlength=drop"
+            )
+        self.report.dropped_overlength = int(too_long.size)
+        self.report.dropped_examples = too_long[:10].tolist()
+        return self.lengths <= self.config.seq_length
+
+    # ---- epoch structure -------------------------------------------------------------
+
+    def _pool(self, epoch: int) -> np.ndarray:
+        pool = epoch_pool(self.source_sizes, self.source_weights, self.config.seed, epoch)
+        pool = pool[self._usable[pool]]
+        return epoch_rng(self.config.seed, epoch, STREAM_SHUFFLE).permutation(pool)
+
+    def _build_epoch_units(self, epoch: int) -> EpochUnits:
+        pool = self._pool(epoch)
+        rng = epoch_rng(self.config.seed, epoch, STREAM_UNIT_ORDER)
+        gbs = self.config.global_batch_size
+        mode = self.config.batching
+        if mode == "packed":
+            packs = pack_samples(
+                self.lengths[pool], self.config.seq_length, self.config.packing_algorithm
+            )
+            order = rng.permutation(packs.num_packs)
+            members, unit_offsets = _reorder_csr(pool[packs.members], packs.offsets, order)
+            batch_offsets = _fixed_batches(packs.num_packs, gbs)
+        elif mode == "sorted":
+            by_length = pool[np.argsort(self.lengths[pool], kind="stable")]
+            batch_offsets = _fixed_batches(by_length.size, gbs)
+            order = rng.permutation(batch_offsets.size - 1)
+            members, batch_offsets = _reorder_csr(by_length, batch_offsets, order)
+            unit_offsets = np.arange(members.size + 1, dtype=np.int64)
+        else:  # naive
+            members = pool
+            unit_offsets = np.arange(members.size + 1, dtype=np.int64)
+            batch_offsets = _fixed_batches(members.size, gbs)
+        return EpochUnits(members, unit_offsets, batch_offsets)
+
+    def epoch_units(self, epoch: int) -> EpochUnits:
+        return self._epoch_units(epoch)
+
+    def num_steps(self, epoch: int) -> int:
+        return self.epoch_units(epoch).num_batches
+
+    # ---- one global batch ------------------------------------------------------------
+
+    def global_batch(self, epoch: int, step: int) -> GlobalBatch:
+        units = self.epoch_units(epoch)
+        if not 0 <= step < units.num_batches:
+            raise IndexError(f"epoch {epoch} has {units.num_batches} steps, asked for {step}")
+        unit_ids = np.arange(units.batch_offsets[step], units.batch_offsets[step + 1])
+        unit_samples = [units.unit(u) for u in unit_ids]
+        all_samples = np.concatenate(unit_samples)
+        counts = self.target_counts[all_samples]
+        weights = per_token_weights(counts, self.loss_reduction)
+        # Weights follow positions, not ids: with mixture weights > 1 the same sample can
+        # occur twice in one batch, and each occurrence is its own sequence.
+        unit_weights = np.split(weights, np.cumsum([s.size for s in unit_samples])[:-1])
+        unit_costs = np.array([self._cost[s].sum() for s in unit_samples])
+        assignment = _balanced_assignment(
+            unit_costs, self.dp_size, self.config.micro_batch_size * self.micro_batches_per_rank
+        )
+        micro_batches, rank_costs = [], np.zeros(self.dp_size)
+        for rank, rank_units in enumerate(assignment):
+            plans = self._micro_batches(rank_units, unit_samples, unit_weights, unit_costs)
+            micro_batches.append(plans)
+            rank_costs[rank] = sum(self._plan_cost(p) for p in plans)
+        return GlobalBatch(
+            epoch=epoch,
+            step=step,
+            micro_batches=micro_batches,
+            rank_costs=rank_costs,
+            num_samples=int(all_samples.size),
+            num_sequences=int((counts > 0).sum()),
+            real_tokens=int(self.lengths[all_samples].sum()),
+            target_tokens=int(counts.sum()),
+        )
+
+    def _micro_batches(self, rank_units, unit_samples, unit_weights, unit_costs):
+        # Costliest first: similar lengths end up in the same micro-batch (which also
+        # minimises naive padding) and the schedule runs by length.
+        ordered = sorted(rank_units, key=lambda u: (-unit_costs[u], u))
+        mbs = self.config.micro_batch_size
+        plans = []
+        for i in range(self.micro_batches_per_rank):
+            chosen = ordered[i * mbs : (i + 1) * mbs]
+            if not chosen:
+                plans.append(MicroBatchPlan(np.zeros(0, np.int64), np.zeros(0)))
+                continue
+            samples = np.concatenate([unit_samples[u] for u in chosen])
+            weights = np.concatenate([unit_weights[u] for u in chosen])
+            pad_to = int(self.lengths[samples].max()) if self.config.batching == "naive" else 0
+            plans.append(MicroBatchPlan(samples, weights, pad_to))
+        return plans
+
+    def _plan_cost(self, plan: MicroBatchPlan) -> float:
+        if plan.is_empty:
+            return 0.0
+        if plan.pad_to:
+            per_token = float(self.config.attention_equiv_length)
+            return plan.samples.size * (plan.pad_to + plan.pad_to**2 / per_token)
+        return float(self._cost[plan.samples].sum())
+
+    # ---- iteration and resume --------------------------------------------------------
+
+    def iterate(
+        self, start: PlanPosition | None = None, epochs: int | None = None
+    ) -> Iterator[GlobalBatch]:
+        """Global batches from `start` on, through `epochs` epochs in total (forever if
+        None)."""
+        position = start or PlanPosition()
+        epoch, step = position.epoch, position.step
+        while epochs is None or epoch < epochs:
+            steps = self.num_steps(epoch)
+            while step < steps:
+                yield self.global_batch(epoch, step)
+                step += 1
+            epoch, step = epoch + 1, 0
+
+    def position_after(self, consumed_samples: int) -> PlanPosition:
+        """The position after `consumed_samples` samples (a checkpoint's counter); it must
+        fall on a global batch boundary."""
+        epoch, consumed = 0, 0
+        while True:
+            units = self.epoch_units(epoch)
+            per_batch = [
+                int(
+                    units.unit_offsets[units.batch_offsets[b + 1]]
+                    - units.unit_offsets[units.batch_offsets[b]]
+                )
+                for b in range(units.num_batches)
+            ]
+            if not per_batch:
+                raise ValueError("the data plan is empty: no usable samples")
+            for step, size in enumerate(per_batch):
+                if consumed == consumed_samples:
+                    return PlanPosition(epoch, step)
+                consumed += size
+                if consumed > consumed_samples:
+                    raise ValueError(
+                        f"consumed_samples={consumed_samples} is not on a global batch "
+                        f"boundary (epoch {epoch}, step {step} ends at {consumed})"
+                    )
+            epoch += 1
+
+
+def _fixed_batches(num_units: int, batch_size: int) -> np.ndarray:
+    """Offsets of consecutive batches of `batch_size` units, the last one partial."""
+    offsets = np.arange(0, num_units, batch_size, dtype=np.int64)
+    return np.append(offsets, num_units)
+
+
+def _reorder_csr(members: np.ndarray, offsets: np.ndarray, order: np.ndarray):
+    """CSR groups rearranged into `order`; returns (members, offsets)."""
+    sizes = np.diff(offsets)[order]
+    new_offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+    if members.size == 0:
+        return members, new_offsets
+    pieces = [members[offsets[g] : offsets[g + 1]] for g in order]
+    return np.concatenate(pieces), new_offsets
+
+
+def _balanced_assignment(costs: np.ndarray, ranks: int, slots: int) -> list[list[int]]:
+    """Greedy longest-processing-time: costliest unit first, onto the least-loaded rank
+    that still has a free slot (ties: lowest rank). Deterministic."""
+    loads = np.zeros(ranks)
+    assigned: list[list[int]] = [[] for _ in range(ranks)]
+    for unit in sorted(range(costs.size), key=lambda u: (-costs[u], u)):
+        open_ranks = [r for r in range(ranks) if len(assigned[r]) < slots]
+        rank = min(open_ranks, key=lambda r: (loads[r], r))
+        assigned[rank].append(unit)
+        loads[rank] += costs[unit]
+    return assigned

@@ -1,0 +1,124 @@
+"""THD micro-batches built from real preprocessed samples."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from megatron_longalign.config.data import DataConfig, DatasetSource
+from megatron_longalign.data.microbatch import MicroBatchBuilder
+from megatron_longalign.data.mixture import DatasetMixture
+from megatron_longalign.data.planner import GlobalBatchPlanner, MicroBatchPlan
+from megatron_longalign.data.positions import SkipAlignConfig
+
+
+@pytest.fixture(scope="module")
+def mixture(sample_prefixes):
+    return DatasetMixture(
+        [DatasetSource(sample_prefixes["long"]), DatasetSource(sample_prefixes["short"])]
+    )
+
+
+def plan_for(mixture, **overrides):
+    config = DataConfig(sources=mixture.sources, seq_length=8192, global_batch_size=4)
+    for key, value in overrides.pop("config", {}).items():
+        setattr(config, key, value)
+    return GlobalBatchPlanner(
+        mixture.lengths, mixture.target_counts, mixture.sizes, mixture.weights, config, **overrides
+    )
+
+
+def documents(mb):
+    bounds = mb.cu_seqlens.tolist()
+    return list(zip(bounds[:-1], bounds[1:], strict=True))
+
+
+def test_thd_fields_are_consistent(mixture):
+    builder = MicroBatchBuilder(mixture.__getitem__, pad_to_multiple_of=8)
+    planner = plan_for(mixture, dp_size=2, loss_reduction="sequence")
+    batch = planner.global_batch(0, 0)
+    for rank in batch.micro_batches:
+        for plan in rank:
+            mb = builder.build(plan)
+            assert mb.num_tokens % 8 == 0 and mb.cu_seqlens[-1] == mb.num_tokens
+            assert mb.max_seqlen == max(e - s for s, e in documents(mb))
+            for doc, (start, end) in enumerate(documents(mb)):
+                np.testing.assert_array_equal(mb.position_ids[start:end], np.arange(end - start))
+                assert mb.loss_weights[end - 1] == 0, "no prediction across a document boundary"
+                if doc < plan.samples.size:
+                    sample = mixture[int(plan.samples[doc])]
+                    np.testing.assert_array_equal(mb.tokens[start:end], sample.tokens)
+                    np.testing.assert_array_equal(mb.labels[start : end - 1], sample.tokens[1:])
+                    targets = sample.loss_mask[1:]
+                    weights = mb.loss_weights[start : end - 1]
+                    assert (weights[targets] == np.float32(plan.weights[doc])).all()
+                    assert (weights[~targets] == 0).all()
+                else:
+                    assert (mb.loss_weights[start:end] == 0).all(), "pad document"
+
+
+def test_weighted_loss_equals_mean_of_per_sequence_means(mixture):
+    """The full path: plan -> micro-batches -> sum(w * token_nll) over all ranks equals
+    LongAlign's target computed directly from each sample's own tokens."""
+    rng = np.random.default_rng(0)
+    vocab = 4096
+    logits_table = rng.normal(size=(vocab, vocab // 64))  # a fixed fake "model"
+
+    def token_nll(tokens, labels):
+        # Deterministic per (token, label) loss, independent of batching.
+        return np.abs(logits_table[tokens % vocab, labels % (vocab // 64)]) + 0.1
+
+    for dp, mbs in [(1, 1), (2, 2), (4, 1)]:
+        planner = plan_for(
+            mixture,
+            dp_size=dp,
+            loss_reduction="sequence",
+            config={"micro_batch_size": mbs, "global_batch_size": 8},
+        )
+        builder = MicroBatchBuilder(mixture.__getitem__, pad_to_multiple_of=4)
+        for batch in list(planner.iterate(epochs=1))[:3]:
+            total = 0.0
+            samples = []
+            for rank in batch.micro_batches:
+                for plan in rank:
+                    mb = builder.build(plan)
+                    total += float(
+                        (mb.loss_weights.astype(np.float64) * token_nll(mb.tokens, mb.labels)).sum()
+                    )
+                    samples += plan.samples.tolist()
+            means = []
+            for sid in samples:
+                s = mixture[sid]
+                targets = s.loss_mask[1:]
+                if targets.any():
+                    means.append(token_nll(s.tokens[:-1], s.tokens[1:])[targets].mean())
+            assert total == pytest.approx(np.mean(means), rel=1e-5)
+
+
+def test_naive_padding_and_empty_micro_batches(mixture):
+    builder = MicroBatchBuilder(mixture.__getitem__, pad_to_multiple_of=4)
+    ids = np.array([0, len(mixture) - 1])
+    plan = MicroBatchPlan(ids, np.array([0.5, 0.25]), pad_to=int(mixture.lengths[ids].max()))
+    mb = builder.build(plan)
+    lengths = [e - s for s, e in documents(mb)]
+    assert lengths[:2] == [plan.pad_to, plan.pad_to]
+    assert mb.num_real_tokens == int(mixture.lengths[ids].sum())
+    empty = builder.build(MicroBatchPlan(np.zeros(0, np.int64), np.zeros(0)))
+    assert empty.num_tokens == 4 and empty.loss_weights.sum() == 0 and empty.num_documents == 1
+
+
+def test_skipalign_positions_in_micro_batches(mixture):
+    config = SkipAlignConfig(enabled=True, target_context_length=32768)
+    builder = MicroBatchBuilder(mixture.__getitem__, skipalign=config, seed=7)
+    sid = int(np.argmax(mixture.lengths))
+    plan = MicroBatchPlan(np.array([sid]), np.array([1.0]))
+    first, again, later = (
+        builder.build(plan, epoch=0),
+        builder.build(plan, epoch=0),
+        builder.build(plan, epoch=1),
+    )
+    np.testing.assert_array_equal(first.position_ids, again.position_ids)
+    assert not np.array_equal(first.position_ids, later.position_ids)
+    positions = first.position_ids
+    assert positions.max() < 32768 and (np.diff(positions) >= 1).all()
+    assert positions[-1] > mixture.lengths[sid], "skips were inserted"
