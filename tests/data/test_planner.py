@@ -229,7 +229,7 @@ def test_sorted_batches_group_similar_lengths():
         samples = np.concatenate([p.samples for r in batch.micro_batches for p in r])
         ranges.append((lengths[samples].min(), lengths[samples].max()))
     ranges.sort()
-    for (_, hi), (lo, _) in zip(ranges, ranges[1:]):
+    for (_, hi), (lo, _) in zip(ranges[:-1], ranges[1:], strict=True):
         assert hi <= lo, "sorted batches must not interleave in length"
     order = [planner.global_batch(0, s) for s in range(planner.num_steps(0))]
     assert [b.step for b in order] == list(range(len(order)))
