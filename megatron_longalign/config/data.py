@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from megatron_longalign.data.positions import SkipAlignConfig
+
 BATCHING_MODES = ("packed", "sorted", "naive")
 LOSS_REDUCTIONS = ("token", "sequence", "sqrt")
 OVERLENGTH_ACTIONS = ("error", "drop")
@@ -44,6 +46,7 @@ class DataConfig:
     # parameters, n_layers layers and hidden size h it is about N / (n_layers * h):
     # ~50k for a 7B Llama.
     attention_equiv_length: int = 50000
+    skipalign: SkipAlignConfig = field(default_factory=SkipAlignConfig)
     seed: int = 1234
 
     def validate(self, dp_size: int = 1) -> None:
@@ -70,6 +73,10 @@ class DataConfig:
                 f"data.seq_length ({self.seq_length}) must be a multiple of "
                 f"pad_to_multiple_of ({self.pad_to_multiple_of})"
             )
+        try:
+            self.skipalign.validate()
+        except ValueError as err:
+            fail(f"data.skipalign: {err}")
         for source in self.sources:
             if source.weight < 0:
                 fail(f"dataset {source.prefix}: weight must be >= 0, got {source.weight}")

@@ -10,11 +10,16 @@ padding that fills each pack up to `capacity`. Three algorithms:
 - ``first_fit_decreasing``: longest sample first, each into the lowest-index pack with
   room. O(n log n) with a max-segment tree over pack indices.
 - ``best_fit_decreasing``: longest sample first, each into the pack with the least room
-  that still fits. O(n log n) with a segment tree over remaining-room values.
+  that still fits. O(n log n) with a segment tree over remaining-room values. Among equally
+  tight packs it takes the one that reached that room last: such packs are interchangeable
+  for every later decision, so the pack count and pack sizes do not depend on this.
 
 The decreasing variants process samples by decreasing length, ties broken by position in
 `order`, so a seeded shuffle in `order` still decides which equal-length samples go
 together. Pack index = the order in which packs were opened; members keep insertion order.
+
+The decreasing variants also use O(capacity) memory (a counting sort by length, and best
+fit's tree over room values): a few MB at 131072 tokens.
 
 The hot loops are numba kernels, compiled on first call (and cached on disk), never at
 import.
@@ -32,7 +37,9 @@ PACKING_ALGORITHMS = ("next_fit", "first_fit_decreasing", "best_fit_decreasing")
 
 @dataclass(frozen=True)
 class Packs:
-    """CSR layout: pack p holds sample indices members[offsets[p]:offsets[p+1]]."""
+    """CSR layout: pack p holds sample indices members[offsets[p]:offsets[p+1]].
+
+    The arrays are read-only."""
 
     members: np.ndarray  # int64, sample indices, grouped by pack, each pack in insertion order
     offsets: np.ndarray  # int64, shape (num_packs + 1,), offsets[0] == 0
@@ -224,7 +231,7 @@ def _first_fit(lengths, sequence, capacity):
         node //= 2
         while node >= 1:
             best = max(tree[2 * node], tree[2 * node + 1])
-            if tree[node] >= best:  # unchanged here means unchanged above
+            if tree[node] == best:  # unchanged here means unchanged above
                 break
             tree[node] = best
             node //= 2

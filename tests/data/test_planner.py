@@ -265,3 +265,42 @@ def test_config_validation_messages():
         make_planner([5, 5], dp=2, global_batch_size=3)
     with pytest.raises(ValueError, match="data.batching='padded'"):
         make_planner([5], batching="padded")
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    data=st.lists(st.tuples(st.integers(1, 400), st.integers(0, 80)), min_size=1, max_size=90),
+    mode=modes,
+    reduction=st.sampled_from(["sequence", "token", "sqrt"]),
+    gbs_factor=st.sampled_from([1, 2]),
+    seed=st.integers(0, 1000),
+)
+def test_property_loss_equals_reference_for_dp_1_2_4_and_any_accumulation(
+    data, mode, reduction, gbs_factor, seed
+):
+    lengths = np.array([d[0] for d in data])
+    targets = np.minimum([d[1] for d in data], lengths - 1)
+    gbs = 8 * gbs_factor
+    results = []
+    for dp in (1, 2, 4):
+        for mbs in (1, 2):  # gradient accumulation = gbs / (mbs * dp) micro-batches
+            planner = make_planner(
+                lengths,
+                targets,
+                dp=dp,
+                seq_length=512,
+                batching=mode,
+                micro_batch_size=mbs,
+                global_batch_size=gbs,
+                seed=seed,
+                _reduction=reduction,
+            )
+            losses = token_losses_for(planner, seed)
+            got = weighted_loss_per_batch(planner, losses)
+            expected = reference_per_batch(planner, losses, reduction)
+            finite = ~np.isnan(expected)  # a batch without any target has nothing to average
+            np.testing.assert_allclose(got[finite], expected[finite], rtol=1e-12)
+            assert (got[~finite] == 0).all()
+            results.append(got)
+    for other in results[1:]:
+        np.testing.assert_allclose(other, results[0], rtol=1e-12)
