@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 TORCH_SPEC ?= torch==2.13.0
 DEMO_OUT ?= outputs/demo
 
-.PHONY: venv demo test lint bench-preprocess clean
+.PHONY: venv demo test lint bench-preprocess bench-packing bench-dataloader clean
 
 venv: $(STAMP)
 
@@ -41,6 +41,12 @@ lint: $(STAMP)
 
 bench-preprocess: $(STAMP)
 	$(PY) bench/preprocess_bench.py
+
+bench-packing: $(STAMP)
+	$(PY) bench/packing_bench.py
+
+bench-dataloader: $(STAMP)
+	$(PY) bench/dataloader_bench.py
 
 clean:
 	rm -rf $(VENV) outputs *.egg-info
