@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from megatron_longalign.config.data import DataConfig, DatasetSource
+from megatron_longalign.data.indexed import SFTSample
 from megatron_longalign.data.microbatch import MicroBatchBuilder
 from megatron_longalign.data.mixture import DatasetMixture
 from megatron_longalign.data.planner import GlobalBatchPlanner, MicroBatchPlan
@@ -122,3 +125,60 @@ def test_skipalign_positions_in_micro_batches(mixture):
     positions = first.position_ids
     assert positions.max() < 32768 and (np.diff(positions) >= 1).all()
     assert positions[-1] > mixture.lengths[sid], "skips were inserted"
+
+
+@st.composite
+def fake_samples(draw):
+    """Arbitrary samples: random tokens and region tilings with some targets."""
+    count = draw(st.integers(1, 6))
+    samples = []
+    for _ in range(count):
+        sizes = draw(st.lists(st.integers(1, 30), min_size=1, max_size=6))
+        kinds = draw(
+            st.lists(st.sampled_from([0, 1, 2, 3, 4]), min_size=len(sizes), max_size=len(sizes))
+        )
+        ends = np.cumsum(sizes)
+        regions = np.stack([ends - np.asarray(sizes), ends, kinds], axis=1).astype(np.int32)
+        tokens = np.asarray(
+            draw(st.lists(st.integers(1, 999), min_size=int(ends[-1]), max_size=int(ends[-1])))
+        )
+        samples.append(SFTSample(tokens, regions))
+    return samples
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    samples=fake_samples(),
+    align=st.sampled_from([1, 2, 8]),
+    naive=st.booleans(),
+    skip=st.booleans(),
+)
+def test_property_thd_micro_batch_is_consistent(samples, align, naive, skip):
+    skipalign = SkipAlignConfig(enabled=skip, target_context_length=4096)
+    builder = MicroBatchBuilder(lambda i: samples[i], pad_to_multiple_of=align, skipalign=skipalign)
+    weights = np.linspace(0.5, 1.5, len(samples))
+    pad_to = max(s.tokens.size for s in samples) if naive else 0
+    mb = builder.build(MicroBatchPlan(np.arange(len(samples)), weights, pad_to))
+    assert mb.num_tokens % align == 0
+    assert mb.cu_seqlens[0] == 0 and mb.cu_seqlens[-1] == mb.num_tokens
+    assert (np.diff(mb.cu_seqlens) > 0).all()
+    assert mb.tokens.size == mb.labels.size == mb.loss_weights.size == mb.position_ids.size
+    for doc, (start, end) in enumerate(documents(mb)):
+        positions = mb.position_ids[start:end]
+        assert positions[0] == 0 and (np.diff(positions) >= 1).all()
+        if not skip:
+            np.testing.assert_array_equal(positions, np.arange(end - start))
+        else:
+            assert positions.max() < 4096 or end - start >= 4096
+        assert mb.loss_weights[end - 1] == 0
+        if doc < len(samples):
+            sample = samples[doc]
+            length = sample.tokens.size
+            assert end - start == (pad_to if naive else length)
+            np.testing.assert_array_equal(mb.labels[start : start + length - 1], sample.tokens[1:])
+            expected = np.where(sample.loss_mask[1:], np.float32(weights[doc]), 0)
+            np.testing.assert_array_equal(mb.loss_weights[start : start + length - 1], expected)
+            assert (mb.loss_weights[start + length - 1 : end] == 0).all()
+        else:
+            assert (mb.loss_weights[start:end] == 0).all()
+    assert mb.num_real_tokens == sum(s.tokens.size for s in samples)
