@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from megatron_longalign.config.data import DataConfig, DatasetSource
+from megatron_longalign.config.data import DataConfig, DatasetSource, PackingConfig
 from megatron_longalign.data.mixture import DatasetMixture
 from megatron_longalign.data.pack_stats import compare_batching, format_table
 from megatron_longalign.data.packing import PACKING_ALGORITHMS
@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
         seq_length=args.seq_length,
         micro_batch_size=args.micro_batch_size,
         global_batch_size=args.global_batch_size,
-        packing_algorithm=args.algorithm,
+        packing=PackingConfig(args.algorithm),
         attention_equiv_length=args.attention_equiv_length,
         on_overlength="drop",
         seed=args.seed,

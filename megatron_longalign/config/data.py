@@ -29,11 +29,17 @@ class DatasetSource:
 
 
 @dataclass
+class PackingConfig:
+    # next_fit (LongAlign's), first_fit_decreasing or best_fit_decreasing
+    algorithm: str = "best_fit_decreasing"
+
+
+@dataclass
 class DataConfig:
     sources: list[DatasetSource] = field(default_factory=list)
     seq_length: int = 65536
     batching: str = "packed"
-    packing_algorithm: str = "best_fit_decreasing"
+    packing: PackingConfig = field(default_factory=PackingConfig)
     micro_batch_size: int = 1
     global_batch_size: int = 8
     # Pad every micro-batch to a multiple of this with a zero-weight pseudo-document
@@ -57,6 +63,12 @@ class DataConfig:
             fail("no dataset sources (data.sources is empty)")
         if self.batching not in BATCHING_MODES:
             fail(f"data.batching={self.batching!r}; choose one of {BATCHING_MODES}")
+        from megatron_longalign.data.packing import PACKING_ALGORITHMS
+
+        if self.packing.algorithm not in PACKING_ALGORITHMS:
+            fail(
+                f"data.packing.algorithm={self.packing.algorithm!r}; choose one of {PACKING_ALGORITHMS}"
+            )
         if self.on_overlength not in OVERLENGTH_ACTIONS:
             fail(f"data.on_overlength={self.on_overlength!r}; choose one of {OVERLENGTH_ACTIONS}")
         if self.seq_length < 2:

@@ -22,7 +22,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from megatron_longalign.config.data import DataConfig
+from megatron_longalign.config.data import DataConfig, PackingConfig
 from megatron_longalign.data.packing import PACKING_ALGORITHMS
 from megatron_longalign.data.planner import GlobalBatchPlanner
 
@@ -102,7 +102,10 @@ def compare_batching(
         ("sorted", replace(config, batching="sorted")),
     ]
     variants += [
-        (f"packed ({algorithm})", replace(config, batching="packed", packing_algorithm=algorithm))
+        (
+            f"packed ({algorithm})",
+            replace(config, batching="packed", packing=PackingConfig(algorithm)),
+        )
         for algorithm in PACKING_ALGORITHMS
     ]
     results = []
@@ -111,7 +114,7 @@ def compare_batching(
             lengths, target_counts, source_sizes, source_weights, variant, dp_size=dp_size
         )
         results.append(epoch_stats(planner, name))
-        if name.startswith("packed") and variant.packing_algorithm == config.packing_algorithm:
+        if name.startswith("packed") and variant.packing.algorithm == config.packing.algorithm:
             unmasked = replace(results[-1], name="packed, whole-pack mask")
             unmasked.attention_computed = whole_pack_attention(planner)
             # Linear part unchanged; attention as for one sequence per pack.

@@ -159,7 +159,7 @@ class GlobalBatchPlanner:
         mode = self.config.batching
         if mode == "packed":
             packs = pack_samples(
-                self.lengths[pool], self.config.seq_length, self.config.packing_algorithm
+                self.lengths[pool], self.config.seq_length, self.config.packing.algorithm
             )
             order = rng.permutation(packs.num_packs)
             members, unit_offsets = _reorder_csr(pool[packs.members], packs.offsets, order)

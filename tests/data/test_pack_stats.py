@@ -7,7 +7,7 @@ import importlib.util
 import numpy as np
 import pytest
 
-from megatron_longalign.config.data import DataConfig, DatasetSource
+from megatron_longalign.config.data import DataConfig, DatasetSource, PackingConfig
 from megatron_longalign.data.pack_stats import compare_batching
 from tests.conftest import REPO
 
@@ -21,7 +21,7 @@ def test_figures_on_a_hand_checkable_example():
         micro_batch_size=2,
         global_batch_size=2,
         attention_equiv_length=100,
-        packing_algorithm="first_fit_decreasing",
+        packing=PackingConfig("first_fit_decreasing"),
     )
     stats = {s.name: s for s in compare_batching(lengths, np.ones(4, int), [4], [1.0], config)}
     needed = float((lengths.astype(float) ** 2).sum())

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from megatron_longalign.config.data import DataConfig, DatasetSource
+from megatron_longalign.config.data import DataConfig, DatasetSource, PackingConfig
 from megatron_longalign.data.planner import GlobalBatchPlanner, PlanPosition
 from megatron_longalign.data.weights import per_token_weights
 
@@ -60,7 +60,7 @@ def test_every_sample_exactly_once_per_epoch(lengths, mode, algorithm, dp, mbs, 
         dp=dp,
         seq_length=256,
         batching=mode,
-        packing_algorithm=algorithm,
+        packing=PackingConfig(algorithm),
         micro_batch_size=mbs,
         global_batch_size=2 * mbs * dp,
         seed=seed,
