@@ -29,7 +29,7 @@ from functools import lru_cache
 
 import numpy as np
 
-from megatron_longalign.config.data import DataConfig
+from megatron_longalign.config.data import LOSS_REDUCTIONS, DataConfig
 from megatron_longalign.data.mixture import (
     STREAM_SHUFFLE,
     STREAM_UNIT_ORDER,
@@ -114,6 +114,8 @@ class GlobalBatchPlanner:
         loss_reduction: str = "sequence",
     ) -> None:
         config.validate(dp_size)
+        if loss_reduction not in LOSS_REDUCTIONS:
+            raise ValueError(f"loss reduction {loss_reduction!r}; choose one of {LOSS_REDUCTIONS}")
         self.config = config
         self.dp_size = dp_size
         self.loss_reduction = loss_reduction
@@ -252,6 +254,8 @@ class GlobalBatchPlanner:
         epoch, step = position.epoch, position.step
         while epochs is None or epoch < epochs:
             steps = self.num_steps(epoch)
+            if steps == 0:
+                raise ValueError("the data plan is empty: no usable samples in this epoch")
             while step < steps:
                 yield self.global_batch(epoch, step)
                 step += 1

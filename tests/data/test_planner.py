@@ -145,6 +145,9 @@ def reference_per_batch(planner, losses, reduction):
     for batch in planner.iterate(epochs=1):
         samples = np.concatenate([p.samples for r in batch.micro_batches for p in r])
         with_targets = [losses[s] for s in samples if losses[s].size]
+        if not with_targets:  # nothing to average: the trainer's sum is 0 (checked by callers)
+            out.append(np.nan)
+            continue
         if reduction == "sequence":
             out.append(np.mean([x.mean() for x in with_targets]))
         elif reduction == "token":
@@ -304,3 +307,11 @@ def test_property_loss_equals_reference_for_dp_1_2_4_and_any_accumulation(
             results.append(got)
     for other in results[1:]:
         np.testing.assert_allclose(other, results[0], rtol=1e-12)
+
+
+def test_empty_plan_and_bad_reduction_fail_clearly():
+    planner = make_planner([500, 900], seq_length=100, on_overlength="drop", global_batch_size=1)
+    with pytest.raises(ValueError, match="data plan is empty"):
+        next(planner.iterate())
+    with pytest.raises(ValueError, match="loss reduction 'mean'"):
+        make_planner([5], _reduction="mean")
