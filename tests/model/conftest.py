@@ -1,0 +1,100 @@
+"""Model tests: megatron-core on CPU in this one process (gloo, world size 1), set up once.
+
+The setup does not use megatron_longalign.parallel.distributed (written separately) so
+these tests depend only on the model package and the CPU shim.
+"""
+
+from __future__ import annotations
+
+import socket
+import warnings
+from collections.abc import Iterator
+
+import pytest
+import torch
+
+from megatron_longalign.model.config import ModelConfig
+
+SEED = 1234
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="package", autouse=True)
+def megatron_cpu() -> Iterator[None]:
+    """CPU shim + gloo process group + megatron model-parallel state (TP = PP = 1), once
+    for all model tests. Package scope (not session) so that the groups it created are
+    torn down before other test packages set up their own."""
+    from megatron.core import parallel_state
+    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+
+    from megatron_longalign.parallel.cpu_mode import enable_cpu_mode
+
+    warnings.filterwarnings("ignore", message=".*flex_attention called without torch.compile.*")
+    if not torch.cuda.is_available():
+        enable_cpu_mode()
+    created_pg = not torch.distributed.is_initialized()
+    if created_pg:
+        torch.distributed.init_process_group(
+            "gloo", world_size=1, rank=0, init_method=f"tcp://127.0.0.1:{_free_port()}"
+        )
+    created_mp = not parallel_state.model_parallel_is_initialized()
+    if created_mp:
+        parallel_state.initialize_model_parallel(1, 1)
+    model_parallel_cuda_manual_seed(SEED)
+    yield
+    if created_mp:
+        parallel_state.destroy_model_parallel()
+    if created_pg:
+        torch.distributed.destroy_process_group()
+
+
+def tiny_config(**changes) -> ModelConfig:
+    """conf/model/tiny.yaml's shape with a large init std, so attention is far from
+    uniform and position or mask mistakes show up in the outputs (with std 0.02 the
+    q.k logits of a random model are ~0 and nearly any attention pattern looks alike)."""
+    fields = dict(
+        name="tiny",
+        num_layers=2,
+        hidden_size=64,
+        ffn_hidden_size=128,
+        num_attention_heads=4,
+        num_query_groups=2,
+        vocab_size=256,
+        max_position_embeddings=4096,
+        init_method_std=0.3,
+        attention_backend="sdpa",
+    )
+    fields.update(changes)
+    return ModelConfig(**fields)
+
+
+def build(config: ModelConfig, backend: str | None = None, seed: int = SEED, **overrides):
+    """A model with deterministic fp32 CPU-initialised weights."""
+    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+
+    from megatron_longalign.model.gpt import build_gpt_model
+
+    torch.manual_seed(seed)
+    model_parallel_cuda_manual_seed(seed)
+    transformer_config = config.to_transformer_config(use_cpu_initialization=True, **overrides)
+    return build_gpt_model(config, backend=backend, transformer_config=transformer_config)
+
+
+def pack(lengths: list[int], vocab: int = 256, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Random documents back to back: tokens/labels/position_ids [1, T], cu_seqlens."""
+    gen = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(0, vocab, (1, sum(lengths)), generator=gen)
+    labels = torch.randint(0, vocab, (1, sum(lengths)), generator=gen)
+    cu = torch.tensor([0, *torch.cumsum(torch.tensor(lengths), 0).tolist()], dtype=torch.int32)
+    positions = torch.cat([torch.arange(n) for n in lengths])[None]
+    return {"tokens": tokens, "labels": labels, "position_ids": positions, "cu_seqlens": cu}
+
+
+def doc_slices(cu_seqlens: torch.Tensor) -> list[slice]:
+    bounds = cu_seqlens.tolist()
+    return [slice(s, e) for s, e in zip(bounds[:-1], bounds[1:], strict=True)]
