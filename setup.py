@@ -31,6 +31,9 @@ setup(
         "tqdm>=4.66",
         # JIT for the O(n log n) packing loops (1M samples in well under a second).
         "numba>=0.60",
+        # megatron-core's async checkpoint writer calls psutil without declaring it; a
+        # missing psutil kills its writer process and the save hangs.
+        "psutil>=5.9",
     ],
     extras_require={
         # Never required; imported lazily with a clear fallback when missing.

@@ -11,7 +11,7 @@ weight 0 and label 0, and an empty plan becomes a single zero-weight pad documen
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -71,8 +71,8 @@ class MicroBatchBuilder:
             doc_labels[:-1] = doc_tokens[1:]
             doc_weights = np.zeros(length, dtype=np.float32)
             doc_weights[:-1] = np.where(sample.loss_mask[1:], np.float32(weight), np.float32(0))
-            doc_positions = self._positions(sample, epoch, sample_id)
             pad = max(plan.pad_to - length, 0)
+            doc_positions = self._positions(sample, epoch, sample_id, reserve=pad)
             if pad:
                 doc_tokens = np.concatenate([doc_tokens, np.full(pad, self.pad_token_id)])
                 doc_labels = np.concatenate([doc_labels, np.zeros(pad, np.int64)])
@@ -104,9 +104,16 @@ class MicroBatchBuilder:
             num_real_tokens=real,
         )
 
-    def _positions(self, sample: SFTSample, epoch: int, sample_id: int) -> np.ndarray:
+    def _positions(
+        self, sample: SFTSample, epoch: int, sample_id: int, reserve: int = 0
+    ) -> np.ndarray:
+        """Positions of the sample's own tokens. `reserve` pad positions follow them in the
+        same document, so SkipAlign's skips leave room for those below the target."""
         length = sample.tokens.size
         if not self.skipalign.enabled:
             return np.arange(length, dtype=np.int64)
+        config = replace(
+            self.skipalign, target_context_length=self.skipalign.target_context_length - reserve
+        )
         rng = sample_rng(self.seed, epoch, sample_id)
-        return skipalign_position_ids(length, sample.regions, self.skipalign, rng)
+        return skipalign_position_ids(length, sample.regions, config, rng)

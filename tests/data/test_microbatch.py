@@ -182,3 +182,16 @@ def test_property_thd_micro_batch_is_consistent(samples, align, naive, skip):
         else:
             assert (mb.loss_weights[start:end] == 0).all()
     assert mb.num_real_tokens == sum(s.tokens.size for s in samples)
+
+
+def test_naive_padding_with_skipalign_stays_below_the_target():
+    """Regression: pad positions after a skipped sample used to pass the target."""
+    regions = np.array([[0, 1, 0], [1, 2, 1], [2, 10, 0], [10, 22, 3]], dtype=np.int32)
+    sample = SFTSample(np.arange(1, 23), regions)
+    builder = MicroBatchBuilder(
+        lambda i: sample, skipalign=SkipAlignConfig(enabled=True, target_context_length=4096)
+    )
+    for seed in range(50):
+        builder.seed = seed
+        mb = builder.build(MicroBatchPlan(np.array([0]), np.array([1.0]), pad_to=110))
+        assert mb.position_ids.max() < 4096 and (np.diff(mb.position_ids) >= 1).all()

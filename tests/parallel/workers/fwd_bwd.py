@@ -1,0 +1,82 @@
+"""One forward/backward of the tiny GPT through megatron's pipeline schedule, on any
+(TP, PP) layout. Writes per-token losses (last stage) and the full gradient of the
+summed token losses for every parameter (TP rank 0 of each stage).
+
+Loss path: calculate_per_token_loss=True, a 3-tuple loss_func returning the summed
+token losses, DDP with SUM reduction and `finalize_grads_as_sum`, so main_grad is
+exactly d(sum of all token losses over both micro-batches). At TP = PP = 1 it also
+writes the same gradient from plain autograd, as the reference for that claim.
+"""
+
+from __future__ import annotations
+
+import torch
+from tiny_gpt import (
+    SEQ,
+    build_model,
+    full_tensors,
+    make_batches,
+    parse_args,
+    run_model,
+    setup,
+    tiny_config,
+    wrap_ddp,
+    write_rank_result,
+)
+
+NUM_MICROBATCHES = 2
+MICRO_BATCH_SIZE = 2
+
+
+def forward_step(data_iterator, model):
+    batch = next(data_iterator)
+    output = run_model(model, batch)
+
+    def loss_func(token_losses: torch.Tensor):
+        num_tokens = torch.tensor(token_losses.numel(), dtype=torch.int)
+        return token_losses.sum(), num_tokens, {"token_losses": token_losses.detach()}
+
+    return output, loss_func
+
+
+def plain_autograd_grads() -> dict[str, torch.Tensor]:
+    """The reference without megatron's schedule or DDP: backward of the summed token
+    losses of both micro-batches on a fresh single-stage, single-rank model."""
+    model = build_model(tiny_config())
+    for batch in make_batches(NUM_MICROBATCHES, MICRO_BATCH_SIZE):
+        run_model(model, batch).sum().backward()
+    return full_tensors(model, "grad")
+
+
+def main() -> None:
+    args = parse_args()
+    setup(args.tp, args.pp)
+    from megatron.core import parallel_state
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    config = tiny_config(calculate_per_token_loss=True)
+    model = wrap_ddp(
+        build_model(config), config, use_distributed_optimizer=False, sum_gradients=True
+    )
+    model.zero_grad_buffer()
+    reports = get_forward_backward_func()(
+        forward_step_func=forward_step,
+        data_iterator=iter(make_batches(NUM_MICROBATCHES, MICRO_BATCH_SIZE)),
+        model=[model],
+        num_microbatches=NUM_MICROBATCHES,
+        seq_length=SEQ,
+        micro_batch_size=MICRO_BATCH_SIZE,
+    )
+    grads = full_tensors(model.module, "main_grad")
+    result = {}
+    if parallel_state.get_tensor_model_parallel_rank() == 0:
+        result["grads"] = grads
+        if parallel_state.is_pipeline_last_stage():
+            result["token_losses"] = [r["token_losses"] for r in reports]
+    if args.tp == args.pp == 1:
+        result["plain_grads"] = plain_autograd_grads()
+    write_rank_result(args.out, result)
+
+
+if __name__ == "__main__":
+    main()
