@@ -1,0 +1,204 @@
+"""Metrics logging: a compact console line and Weights & Biases, on global rank 0 only.
+
+wandb mode: "auto" (the default) is "online" when WANDB_API_KEY is set and "offline"
+otherwise (runs are written under `dir` and can be uploaded later with `wandb sync`);
+an explicit WANDB_MODE in the environment wins over "auto". "disabled" never imports
+wandb. A requeued Slurm job passes the same `run_id` and continues the same run
+(`wandb.init(id=run_id, resume="allow")`); the trainer should store `logger.run_id` in
+its checkpoint for that. Charts use `train/step` as their x-axis rather than wandb's own
+step counter, so steps repeated after a resume from an older checkpoint are kept
+instead of being dropped as out of order.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TextIO
+
+from megatron_longalign.training.metrics import peak_memory_source
+
+WANDB_MODES = ("auto", "online", "offline", "disabled")
+STEP_KEY = "train/step"
+# wandb run ids: letters, digits and - _ . (it rejects / \ # ? % : and spaces).
+_RUN_ID = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
+
+
+@dataclass
+class LoggingConfig:
+    log_interval: int = 10  # steps between console lines and wandb points
+    wandb_mode: str = "auto"  # auto | online | offline | disabled
+    project: str = "megatron-longalign"
+    entity: str | None = None
+    name: str | None = None
+    tags: list[str] = field(default_factory=list)
+    dir: str | None = None  # None: WANDB_DIR, else the working directory
+    run_id: str | None = None  # set to continue a run (Slurm requeue, resume)
+
+    def validate(self) -> None:
+        if self.log_interval < 1:
+            raise ValueError(f"logging.log_interval must be >= 1, got {self.log_interval}")
+        if self.wandb_mode not in WANDB_MODES:
+            raise ValueError(f"logging.wandb_mode={self.wandb_mode!r}; choose one of {WANDB_MODES}")
+        if self.run_id is not None and not _RUN_ID.match(self.run_id):
+            raise ValueError(
+                f"logging.run_id={self.run_id!r}: use 1-128 letters, digits, '-', '_' or '.'"
+            )
+
+
+def resolve_wandb_mode(requested: str, environ: Mapping[str, str] | None = None) -> str:
+    """online | offline | disabled. Only an explicit online request or an API key
+    reaches the network."""
+    environ = os.environ if environ is None else environ
+    if requested != "auto":
+        return requested
+    env_mode = environ.get("WANDB_MODE", "").strip().lower()
+    if env_mode == "dryrun":  # wandb's old name for offline
+        env_mode = "offline"
+    if env_mode in ("online", "offline", "disabled"):
+        return env_mode
+    return "online" if environ.get("WANDB_API_KEY") else "offline"
+
+
+def resolve_rank(rank: int | None = None) -> int:
+    """Global rank: the argument, else torch.distributed's, else torchrun's RANK, else 0."""
+    if rank is not None:
+        return rank
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank()
+    return int(os.environ.get("RANK", "0"))
+
+
+def _format_value(key: str, value: float, memory_label: str) -> str:
+    formats = {
+        "train/loss": lambda v: f"loss {v:.4f}",
+        "train/lr": lambda v: f"lr {v:.3e}",
+        "train/grad_norm": lambda v: f"grad {v:.3f}",
+        "perf/tokens_per_sec": lambda v: f"{v:,.0f} tok/s",
+        "perf/tflops_per_gpu": lambda v: f"{v:.1f} TFLOP/s/GPU",
+        "perf/mfu": lambda v: f"MFU {100 * v:.1f}%",
+        "perf/step_time_s": lambda v: f"{v:.3f} s/step",
+        "data/packing_efficiency": lambda v: f"fill {100 * v:.1f}%",
+        "data/rank_imbalance": lambda v: f"imb {v:.3f}",
+        "mem/peak_gb": lambda v: f"mem {v:.2f} GiB{memory_label}",
+    }
+    return formats[key](value)
+
+
+_CONSOLE_ORDER = (
+    "train/loss",
+    "train/lr",
+    "train/grad_norm",
+    "perf/tokens_per_sec",
+    "perf/tflops_per_gpu",
+    "perf/mfu",
+    "perf/step_time_s",
+    "data/packing_efficiency",
+    "data/rank_imbalance",
+    "mem/peak_gb",
+)
+
+
+def format_console_line(step: int, metrics: Mapping[str, float], memory_label: str = "") -> str:
+    """One line per logged step. Keys that are absent are skipped, except MFU, which
+    reads "MFU n/a" so an unknown peak is visible rather than silently missing.
+    loss_by_len/* go to wandb only, to keep the line short."""
+    parts = [f"step {step}"]
+    for key in _CONSOLE_ORDER:
+        if key in metrics:
+            parts.append(_format_value(key, float(metrics[key]), memory_label))
+        elif key == "perf/mfu" and "perf/tflops_per_gpu" in metrics:
+            parts.append("MFU n/a")
+    return " | ".join(parts)
+
+
+class MetricsLogger:
+    """Console + wandb on global rank 0; every other rank does nothing (no wandb run,
+    no output), so callers need no rank checks.
+
+    `config` is a LoggingConfig (or an object with its fields and `validate()`); `run_config` is
+    recorded as the wandb run's config (the resolved Hydra config)."""
+
+    def __init__(
+        self,
+        config: LoggingConfig,
+        rank: int | None = None,
+        run_config: Mapping[str, Any] | None = None,
+        stream: TextIO | None = None,
+    ) -> None:
+        config.validate()
+        self.config = config
+        self.rank = resolve_rank(rank)
+        self.enabled = self.rank == 0
+        self.mode = resolve_wandb_mode(config.wandb_mode) if self.enabled else "disabled"
+        self._stream = stream
+        # Say which memory the number is: process RSS on CPU is not GPU tensor memory.
+        self._memory_label = "" if peak_memory_source().startswith("cuda") else " (cpu rss)"
+        self._run = None
+        self._run_id = config.run_id
+        if self.mode != "disabled":
+            self._start_wandb(run_config)
+
+    def _start_wandb(self, run_config: Mapping[str, Any] | None) -> None:
+        try:
+            import wandb
+        except ImportError as error:
+            raise ImportError(
+                "wandb is not installed; pip install wandb, or set logging.wandb_mode=disabled"
+            ) from error
+        if self.config.dir is not None:
+            Path(self.config.dir).mkdir(parents=True, exist_ok=True)
+        run_id = self.config.run_id
+        self._run = wandb.init(
+            project=self.config.project,
+            entity=self.config.entity,
+            name=self.config.name,
+            tags=list(self.config.tags) or None,
+            dir=self.config.dir,
+            id=run_id,
+            resume="allow" if run_id else None,
+            mode=self.mode,
+            config=dict(run_config) if run_config else None,
+            # The job's stdout already goes to the Slurm log; wandb need not wrap it.
+            settings=wandb.Settings(console="off"),
+        )
+        self._run_id = self._run.id
+        self._run.define_metric(STEP_KEY)
+        self._run.define_metric("*", step_metric=STEP_KEY)
+
+    @property
+    def run_id(self) -> str | None:
+        """The wandb run id (generated by wandb when none was given); store it in the
+        checkpoint to continue the same run after a requeue."""
+        return self._run_id
+
+    def should_log(self, step: int) -> bool:
+        return step % self.config.log_interval == 0
+
+    def log(self, step: int, metrics: Mapping[str, float], force: bool = False) -> bool:
+        """Log `metrics` for `step` if it is a logging step (or `force`, e.g. the last
+        step). Returns whether anything was written."""
+        if not self.enabled or not (force or self.should_log(step)):
+            return False
+        line = format_console_line(step, metrics, self._memory_label)
+        print(line, file=self._stream or sys.stdout, flush=True)
+        if self._run is not None:
+            self._run.log({STEP_KEY: step, **{k: float(v) for k, v in metrics.items()}})
+        return True
+
+    def close(self) -> None:
+        if self._run is not None:
+            self._run.finish()
+            self._run = None
+
+    def __enter__(self) -> MetricsLogger:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
