@@ -20,8 +20,9 @@ $(STAMP): setup.py
 	$(PY) -m pip install --quiet -e ".[dev]"
 	touch $(STAMP)
 
-# Until the trainer exists, the demo preprocesses the bundled data (long samples and short
-# chats as two datasets, as LongAlign mixes them) and shows one rendered sample.
+# The demo preprocesses the bundled data (long samples and short chats as two datasets, as
+# LongAlign mixes them), shows one rendered sample, then trains the tiny model on CPU
+# (conf/experiment/smoke.yaml; DEMO_OUT tells conf/data/demo.yaml where the data is).
 demo: $(STAMP)
 	$(PY) tools/preprocess.py --input data/sample/long.jsonl.gz \
 		--tokenizer data/sample/tokenizer.model --template llama2 \
@@ -31,6 +32,7 @@ demo: $(STAMP)
 		--output-prefix $(DEMO_OUT)/short_chat --max-length 65536
 	$(PY) tools/preprocess.py --input data/sample/long.jsonl.gz \
 		--tokenizer data/sample/tokenizer.model --template llama2 --inspect 1 --inspect-chars 400
+	DEMO_OUT=$(DEMO_OUT) $(PY) -m megatron_longalign.train +experiment=smoke
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests

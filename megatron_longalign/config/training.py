@@ -1,0 +1,151 @@
+"""Structured configs for training (Hydra groups `optim`, `train`, `logging`) and the
+top-level `LongAlignConfig` that composes every group:
+
+    model     ModelConfig      conf/model/*.yaml      megatron_longalign/model/config.py
+    data      DataConfig       conf/data/*.yaml       megatron_longalign/config/data.py
+    parallel  ParallelConfig   conf/parallel/*.yaml   megatron_longalign/parallel/distributed.py
+    optim     OptimConfig      conf/optim/*.yaml      (here)
+    train     TrainConfig      conf/train/*.yaml      (here)
+    logging   LoggingConfig    conf/logging/*.yaml    (here)
+
+`register_configs()` puts the schema into Hydra's ConfigStore as `longalign_schema`;
+conf/config.yaml lists it first in its defaults, so every YAML value is type-checked
+against these dataclasses. `config/validate.py` checks the combinations at start-up.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from megatron_longalign.config.data import DataConfig
+from megatron_longalign.model.config import ModelConfig
+from megatron_longalign.parallel.distributed import ParallelConfig
+
+OPTIMIZERS = ("adam", "sgd")
+LR_DECAY_STYLES = ("cosine", "linear", "constant")
+PRECISIONS = ("auto", "bf16", "fp32")
+RECOMPUTE_GRANULARITIES = ("full", "selective")
+RECOMPUTE_METHODS = ("uniform", "block")
+
+
+@dataclass
+class OptimConfig:
+    # megatron-core's optimizers: "adam" is AdamW (decoupled weight decay), "sgd" has momentum.
+    optimizer: str = "adam"
+    lr: float = 2e-5
+    min_lr: float = 0.0
+    # Linear warmup from lr_warmup_init to lr over lr_warmup_steps optimizer updates.
+    lr_warmup_init: float = 0.0
+    lr_warmup_steps: int = 0
+    # After warmup: cosine | linear decay to min_lr at lr_decay_steps, or constant.
+    lr_decay_style: str = "cosine"
+    # Updates until min_lr is reached; None = the run's total steps.
+    lr_decay_steps: int | None = None
+    # megatron exempts biases and norm weights from weight decay.
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    adam_eps: float = 1e-8
+    sgd_momentum: float = 0.9
+    # Clip the global gradient norm to this (0 = no clipping; the norm is still logged).
+    clip_grad: float = 1.0
+
+
+@dataclass
+class RecomputeConfig:
+    """Activation recomputation, passed to megatron's TransformerConfig as
+    recompute_granularity / recompute_method / recompute_num_layers / recompute_modules."""
+
+    # null (off) | full (whole layers) | selective (the listed submodules)
+    granularity: str | None = None
+    # full only: uniform (every recompute_num_layers layers as one unit) | block (the first
+    # num_layers layers of each pipeline stage)
+    method: str | None = None
+    num_layers: int | None = None
+    # selective only: megatron's names, e.g. core_attn, mlp, layernorm
+    modules: list[str] = field(default_factory=lambda: ["core_attn"])
+
+
+@dataclass
+class TrainConfig:
+    # Length of the run: optimizer steps (max_steps), or whole data epochs (epochs) when
+    # max_steps is null. A skipped (non-finite) step counts: it consumed its batch.
+    max_steps: int | None = 100
+    epochs: int | None = None
+    # Seeds model initialisation (the data order has its own data.seed).
+    seed: int = 1234
+    # Per-token loss weights from the global batch (docs/DATA_PIPELINE.md):
+    # sequence (LongAlign: mean of per-sequence means) | token | sqrt
+    loss_reduction: str = "sequence"
+    # auto: bf16 on GPU, fp32 on CPU
+    precision: str = "auto"
+    recompute: RecomputeConfig = field(default_factory=RecomputeConfig)
+    # A step whose loss or gradient norm is not finite is skipped (no update); this many
+    # bad steps in a row stop the run with an error (1 = stop at the first bad step).
+    max_consecutive_bad_steps: int = 3
+    # Where the run writes its files (Hydra's run directory: resolved config, logs).
+    output_dir: str = "outputs/train"
+
+
+@dataclass
+class WandbConfig:
+    enabled: bool = False
+    project: str = "megatron-longalign"
+    entity: str | None = None
+    run_name: str | None = None
+    mode: str = "online"  # online | offline | disabled
+
+
+@dataclass
+class LoggingConfig:
+    # Console line every log_interval steps (rank 0); skipped steps are always reported.
+    log_interval: int = 1
+    # tqdm progress bar on rank 0
+    progress_bar: bool = True
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+
+@dataclass
+class LongAlignConfig:
+    name: str = "longalign"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+
+SCHEMA_NAME = "longalign_schema"
+
+
+def schema_node():
+    """LongAlignConfig as an OmegaConf node. `SkipAlignConfig` is a frozen dataclass,
+    which OmegaConf turns into a read-only node that no YAML file or command-line
+    override could set; the flag is cleared here (the values still become a frozen
+    SkipAlignConfig in `to_config`)."""
+    from omegaconf import OmegaConf
+
+    node = OmegaConf.structured(LongAlignConfig)
+    OmegaConf.set_readonly(node.data.skipalign, False)
+    return node
+
+
+def register_configs() -> None:
+    """Store the schema in Hydra's ConfigStore (idempotent). Call before `hydra.main`
+    composes conf/config.yaml."""
+    from hydra.core.config_store import ConfigStore
+
+    ConfigStore.instance().store(name=SCHEMA_NAME, node=schema_node())
+
+
+def to_config(cfg) -> LongAlignConfig:
+    """A composed Hydra/OmegaConf config -> LongAlignConfig dataclasses (interpolations
+    resolved). Lists such as skipalign.boundaries come back as lists."""
+    from omegaconf import OmegaConf
+
+    config = OmegaConf.to_object(cfg)
+    if not isinstance(config, LongAlignConfig):
+        # A config composed without the schema node is a plain dict: type it now.
+        config = OmegaConf.to_object(OmegaConf.merge(schema_node(), cfg))
+    return config

@@ -1,0 +1,337 @@
+"""Start-up validation of a whole `LongAlignConfig`.
+
+Each group validates itself (`ModelConfig.validate`, `DataConfig.validate`,
+`ParallelConfig.validate`, `SkipAlignConfig.validate`); this module adds the checks that
+need several groups or the file system, and collects every problem into one
+`ConfigError`, so a run that cannot work says everything to change at once, before any
+process group or model is built. Every message names the field (`group.field`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from megatron_longalign.config.data import LOSS_REDUCTIONS
+from megatron_longalign.config.training import (
+    LR_DECAY_STYLES,
+    OPTIMIZERS,
+    PRECISIONS,
+    RECOMPUTE_GRANULARITIES,
+    RECOMPUTE_METHODS,
+    LongAlignConfig,
+)
+
+# What tools/preprocess.py writes for an output prefix P.
+DATA_FILE_SUFFIXES = (".bin", ".idx", ".json", ".regions.bin", ".regions.idx")
+
+
+class ConfigError(ValueError):
+    """The configuration cannot run; the message lists every problem."""
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = list(problems)
+        super().__init__("invalid configuration:\n" + "\n".join(f"  - {p}" for p in self.problems))
+
+
+def validate_config(
+    config: LongAlignConfig, world_size: int = 1, *, check_files: bool = True
+) -> None:
+    """Raise ConfigError listing every problem of `config` for a job of `world_size`
+    processes. `check_files=False` skips the checks that read the dataset files."""
+    problems = config_problems(config, world_size, check_files=check_files)
+    if problems:
+        raise ConfigError(problems)
+
+
+def config_problems(
+    config: LongAlignConfig, world_size: int = 1, *, check_files: bool = True
+) -> list[str]:
+    problems: list[str] = []
+    checks: list[Callable[[LongAlignConfig, int], list[str]]] = [
+        _parallel_problems,
+        _model_problems,
+        _data_problems,
+        _position_problems,
+        _optim_problems,
+        _train_problems,
+        _logging_problems,
+    ]
+    if check_files:
+        checks.append(_file_problems)
+    for check in checks:
+        problems += check(config, world_size)
+    return problems
+
+
+def _caught(validate: Callable[[], None], prefix: str = "") -> list[str]:
+    """The ValueError a group's own validate() raises, as a problem."""
+    try:
+        validate()
+    except ValueError as err:
+        return [f"{prefix}{err}"]
+    return []
+
+
+# ---- parallel layout ---------------------------------------------------------------------
+
+
+def _parallel_problems(config: LongAlignConfig, world_size: int) -> list[str]:
+    parallel, model = config.parallel, config.model
+    problems = _caught(lambda: parallel.validate(world_size), "parallel config: ")
+    pp = parallel.pipeline_model_parallel_size
+    if parallel.context_parallel_size > 1:
+        # The model supports CP (te backend), but micro-batches are not yet split into
+        # each rank's 2*CP chunks: training would silently see every token on every rank.
+        problems.append(
+            f"parallel.context_parallel_size={parallel.context_parallel_size}: the trainer "
+            "does not partition micro-batches for context parallelism yet; set it to 1"
+        )
+    if isinstance(pp, int) and pp >= 1 and model.num_layers % pp:
+        problems.append(
+            f"model.num_layers ({model.num_layers}) must be divisible by "
+            f"parallel.pipeline_model_parallel_size ({pp}): every stage holds as many layers"
+        )
+    if parallel.sequence_parallel and model.attention_backend != "te":
+        problems.append(
+            "parallel.sequence_parallel=true needs model.attention_backend=te (megatron's "
+            f"local RMSNorm used with '{model.attention_backend}' does not support it); "
+            "set sequence_parallel=false"
+        )
+    return problems
+
+
+def _data_parallel_size(config: LongAlignConfig, world_size: int) -> int | None:
+    try:
+        return config.parallel.data_parallel_size_for(world_size)
+    except ValueError:
+        return None  # reported by _parallel_problems
+
+
+# ---- model -------------------------------------------------------------------------------
+
+
+def _model_problems(config: LongAlignConfig, world_size: int) -> list[str]:
+    model = config.model
+    # The model's own checks at TP 1 (ModelConfig names fields without the group prefix);
+    # the TP divisibility is checked below with both groups' field names.
+    problems = _caught(lambda: model.validate(1), "model config (model.*): ")
+    if problems:
+        return problems
+    tp = config.parallel.tensor_model_parallel_size
+    if isinstance(tp, int) and tp > 1:
+        for name, value in (
+            ("num_attention_heads", model.num_attention_heads),
+            ("num_query_groups (KV heads)", model.query_groups),
+            ("ffn_hidden_size", model.ffn_hidden_size),
+        ):
+            if value % tp:
+                problems.append(
+                    f"parallel.tensor_model_parallel_size ({tp}) must divide model.{name} "
+                    f"({value}): each TP rank holds an equal share; choose a TP size that "
+                    "divides it"
+                )
+    from megatron_longalign.model.backends import unavailable_reason
+
+    backend = model.attention_backend
+    reason = unavailable_reason(backend)
+    if reason is not None:
+        problems.append(f"model.attention_backend={backend}: {reason}")
+    elif backend == "flex" and not torch.cuda.is_available():
+        problems.append(
+            "model.attention_backend=flex cannot train on CPU (torch has no flex_attention "
+            "backward there); use sdpa or auto"
+        )
+    return problems
+
+
+# ---- data --------------------------------------------------------------------------------
+
+
+def _pad_multiple_needed(config: LongAlignConfig) -> tuple[int, list[str]]:
+    """The token-count multiple every micro-batch needs: TP for sequence parallelism
+    (activations are split along the sequence), 2*CP for context parallelism (each
+    document in 2*CP chunks)."""
+    parallel = config.parallel
+    needs, why = 1, []
+    if parallel.sequence_parallel:
+        needs = math.lcm(needs, parallel.tensor_model_parallel_size)
+        why.append(f"TP {parallel.tensor_model_parallel_size} for sequence parallelism")
+    if parallel.context_parallel_size > 1:
+        needs = math.lcm(needs, 2 * parallel.context_parallel_size)
+        why.append(f"2 x CP = {2 * parallel.context_parallel_size} for context parallelism")
+    return needs, why
+
+
+def _data_problems(config: LongAlignConfig, world_size: int) -> list[str]:
+    data = config.data
+    dp = _data_parallel_size(config, world_size)
+    problems = _caught(lambda: data.validate(dp or 1))
+    needs, why = _pad_multiple_needed(config)
+    pad = data.pad_to_multiple_of
+    if pad >= 1 and pad % needs:
+        problems.append(
+            f"data.pad_to_multiple_of={pad} must be a multiple of {needs} ({' and '.join(why)}); "
+            f"set data.pad_to_multiple_of={math.lcm(pad, needs)}"
+        )
+    if config.train.loss_reduction not in LOSS_REDUCTIONS:
+        problems.append(
+            f"train.loss_reduction={config.train.loss_reduction!r}; choose one of {LOSS_REDUCTIONS}"
+        )
+    return problems
+
+
+def _position_problems(config: LongAlignConfig, world_size: int) -> list[str]:
+    """Positions reach seq_length - 1 (one document filling a pack), or
+    target_context_length - 1 with SkipAlign: the model must be configured for them."""
+    model, data = config.model, config.data
+    problems = []
+    if model.max_position_embeddings < data.seq_length:
+        problems.append(
+            f"model.max_position_embeddings ({model.max_position_embeddings}) is below "
+            f"data.seq_length ({data.seq_length}); raise max_position_embeddings (and extend "
+            "RoPE with model.rope_theta or model.rope_scaling) or lower data.seq_length"
+        )
+    skip = data.skipalign
+    if skip.enabled and model.max_position_embeddings < skip.target_context_length:
+        problems.append(
+            f"model.max_position_embeddings ({model.max_position_embeddings}) is below "
+            f"data.skipalign.target_context_length ({skip.target_context_length}); SkipAlign "
+            "positions reach target_context_length - 1: lower the target or raise "
+            "max_position_embeddings"
+        )
+    return problems
+
+
+def _file_problems(config: LongAlignConfig, world_size: int) -> list[str]:
+    problems = []
+    vocab_sizes: dict[str, int] = {}
+    for i, source in enumerate(config.data.sources):
+        missing = [s for s in DATA_FILE_SUFFIXES if not Path(source.prefix + s).is_file()]
+        if missing:
+            problems.append(
+                f"data.sources[{i}].prefix={source.prefix!r}: missing "
+                f"{', '.join(source.prefix + s for s in missing)}; run tools/preprocess.py "
+                f"--output-prefix {source.prefix} (or fix the prefix)"
+            )
+            continue
+        try:
+            meta = json.loads(Path(source.prefix + ".json").read_text())
+            vocab_sizes[source.prefix] = int(meta["tokenizer"]["vocab_size"])
+        except (ValueError, KeyError, TypeError) as err:
+            problems.append(
+                f"data.sources[{i}].prefix={source.prefix!r}: unreadable {source.prefix}.json "
+                f"({type(err).__name__}: {err}); re-run tools/preprocess.py"
+            )
+    too_big = {p: v for p, v in vocab_sizes.items() if v > config.model.vocab_size}
+    if too_big:
+        largest = max(too_big.values())
+        problems.append(
+            f"model.vocab_size ({config.model.vocab_size}) is smaller than the vocabulary "
+            f"({largest}) of the tokenizer that preprocessed {', '.join(too_big)}; set "
+            f"model.vocab_size >= {largest} or preprocess with the model's own tokenizer"
+        )
+    return problems
+
+
+# ---- optimizer, schedule, train, logging -------------------------------------------------
+
+
+def _optim_problems(config: LongAlignConfig, world_size: int) -> list[str]:
+    optim, train = config.optim, config.train
+    problems = []
+    if optim.optimizer not in OPTIMIZERS:
+        problems.append(f"optim.optimizer={optim.optimizer!r}; choose one of {OPTIMIZERS}")
+    if optim.lr_decay_style not in LR_DECAY_STYLES:
+        problems.append(
+            f"optim.lr_decay_style={optim.lr_decay_style!r}; choose one of {LR_DECAY_STYLES}"
+        )
+    if not optim.lr > 0:
+        problems.append(f"optim.lr must be > 0, got {optim.lr}")
+    if not 0 <= optim.min_lr <= optim.lr:
+        problems.append(f"optim.min_lr ({optim.min_lr}) must be in [0, optim.lr = {optim.lr}]")
+    if not 0 <= optim.lr_warmup_init <= optim.lr:
+        problems.append(
+            f"optim.lr_warmup_init ({optim.lr_warmup_init}) must be in [0, optim.lr = {optim.lr}]"
+        )
+    if optim.lr_warmup_steps < 0:
+        problems.append(f"optim.lr_warmup_steps must be >= 0, got {optim.lr_warmup_steps}")
+    decay_steps = optim.lr_decay_steps if optim.lr_decay_steps is not None else train.max_steps
+    if decay_steps is not None and optim.lr_warmup_steps >= decay_steps:
+        problems.append(
+            f"optim.lr_warmup_steps ({optim.lr_warmup_steps}) must be smaller than the number "
+            f"of decay steps, {decay_steps} (optim.lr_decay_steps, or train.max_steps when "
+            "lr_decay_steps is null)"
+        )
+    if optim.weight_decay < 0:
+        problems.append(f"optim.weight_decay must be >= 0, got {optim.weight_decay}")
+    if optim.clip_grad < 0:
+        problems.append(f"optim.clip_grad must be >= 0 (0 = no clipping), got {optim.clip_grad}")
+    return problems
+
+
+def _train_problems(config: LongAlignConfig, world_size: int) -> list[str]:
+    train = config.train
+    problems = []
+    if (train.max_steps is None) == (train.epochs is None):
+        problems.append(
+            "set exactly one of train.max_steps and train.epochs (the other null); got "
+            f"max_steps={train.max_steps}, epochs={train.epochs}"
+        )
+    for name in ("max_steps", "epochs"):
+        value = getattr(train, name)
+        if value is not None and value < 1:
+            problems.append(f"train.{name} must be >= 1, got {value}")
+    if train.precision not in PRECISIONS:
+        problems.append(f"train.precision={train.precision!r}; choose one of {PRECISIONS}")
+    if train.max_consecutive_bad_steps < 1:
+        problems.append(
+            "train.max_consecutive_bad_steps must be >= 1 (1 = stop at the first non-finite "
+            f"step), got {train.max_consecutive_bad_steps}"
+        )
+    problems += _recompute_problems(config)
+    return problems
+
+
+def _recompute_problems(config: LongAlignConfig) -> list[str]:
+    recompute = config.train.recompute
+    granularity = recompute.granularity
+    if granularity is None:
+        return []
+    if granularity not in RECOMPUTE_GRANULARITIES:
+        return [
+            f"train.recompute.granularity={granularity!r}; choose null or one of "
+            f"{RECOMPUTE_GRANULARITIES}"
+        ]
+    if granularity == "selective":
+        if recompute.method is not None or recompute.num_layers is not None:
+            return [
+                "train.recompute.method and train.recompute.num_layers apply to granularity "
+                "full only; set them to null for selective recomputation"
+            ]
+        return []
+    layers_per_stage = config.model.num_layers // max(
+        config.parallel.pipeline_model_parallel_size, 1
+    )
+    problems = []
+    if recompute.method not in RECOMPUTE_METHODS:
+        problems.append(
+            f"train.recompute.method={recompute.method!r}; granularity full needs one of "
+            f"{RECOMPUTE_METHODS}"
+        )
+    if recompute.num_layers is None or not 1 <= recompute.num_layers <= layers_per_stage:
+        problems.append(
+            f"train.recompute.num_layers={recompute.num_layers!r}; granularity full needs "
+            f"1..{layers_per_stage} (layers per pipeline stage)"
+        )
+    return problems
+
+
+def _logging_problems(config: LongAlignConfig, world_size: int) -> list[str]:
+    if config.logging.log_interval < 1:
+        return [f"logging.log_interval must be >= 1, got {config.logging.log_interval}"]
+    return []

@@ -1,0 +1,542 @@
+"""A small trainer: megatron-core model chunks under DDP, megatron's distributed
+optimizer and LR scheduler, the global batch planner, and megatron's
+forward-backward schedules.
+
+    trainer = Trainer(config)        # validates, joins the job, builds everything
+    history = trainer.train()        # list[StepResult], one per step
+
+One step (`train_step`):
+1. the planner's GlobalBatch gives this DP rank its micro-batch plans; the builder turns
+   them into THD MicroBatches (every pipeline stage builds them: each needs
+   position_ids and cu_seqlens);
+2. `get_forward_backward_func()` runs them with `loss_func` (training/loss.py);
+3. loss and gradient norm are checked: a non-finite step is skipped (gradients zeroed,
+   no optimizer or scheduler update), and `train.max_consecutive_bad_steps` bad steps
+   in a row stop the run with `NonFiniteTrainingError`;
+4. otherwise: clip, scheduler step, optimizer update.
+
+The loss/gradient contract (docs/TRAINING.md, "The path we use"):
+`calculate_per_token_loss=True` is set before DDP is built, `loss_func` returns
+(sum_t w_t nll_t, num_targets, report), and `finalize_grads_as_sum` calls megatron's
+`finalize_model_grads` without num_tokens. Nothing divides: the applied gradient is
+grad(sum_t w_t nll_t) over the global batch for any DP / micro-batch / PP layout.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+import os
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from megatron_longalign.config.training import LongAlignConfig
+from megatron_longalign.config.validate import validate_config
+from megatron_longalign.data.microbatch import MicroBatch, MicroBatchBuilder
+from megatron_longalign.data.mixture import DatasetMixture
+from megatron_longalign.data.planner import GlobalBatch, GlobalBatchPlanner, PlanPosition
+from megatron_longalign.parallel.distributed import (
+    data_parallel_rank,
+    data_parallel_size,
+    initialize_distributed,
+)
+from megatron_longalign.training import loss as loss_keys
+from megatron_longalign.training.loss import loss_func
+from megatron_longalign.training.schedule import build_scheduler, current_lr
+
+log = logging.getLogger("megatron_longalign.train")
+
+
+class NonFiniteTrainingError(RuntimeError):
+    """Too many consecutive steps with a non-finite loss or gradient norm."""
+
+
+@dataclass
+class StepResult:
+    step: int  # 1-based iteration number (skipped steps count)
+    epoch: int
+    loss: float  # sum_t w_t * nll_t over the global batch: the objective
+    token_mean_loss: float  # unweighted mean nll over the global batch's target tokens
+    target_tokens: int
+    real_tokens: int
+    lr: float  # the lr of this step's update (or of the update it would have been)
+    grad_norm: float  # before clipping
+    skipped: bool
+    step_time: float  # seconds
+    rank_imbalance: float  # max / mean estimated rank cost of the global batch
+
+    @property
+    def tokens_per_sec(self) -> float:
+        """Real (non-padding) tokens of the global batch per second, all ranks together."""
+        return self.real_tokens / self.step_time if self.step_time > 0 else 0.0
+
+    def metrics(self) -> dict[str, float]:
+        """The documented metric names (DESIGN.md)."""
+        return {
+            "train/loss": self.loss,
+            "train/token_mean_loss": self.token_mean_loss,
+            "train/lr": self.lr,
+            "train/grad_norm": self.grad_norm,
+            "train/skipped": float(self.skipped),
+            "perf/tokens_per_sec": self.tokens_per_sec,
+            "data/rank_imbalance": self.rank_imbalance,
+        }
+
+
+@dataclass
+class TrainData:
+    """This rank's view of the data: every rank plans the same global batches."""
+
+    mixture: DatasetMixture
+    planner: GlobalBatchPlanner
+    builder: MicroBatchBuilder
+    dp_rank: int
+
+    def micro_batches(self, batch: GlobalBatch) -> list[MicroBatch]:
+        plans = batch.micro_batches[self.dp_rank]
+        return [self.builder.build(plan, batch.epoch) for plan in plans]
+
+
+@dataclass
+class _StepStats:
+    """Sums over the global batch, identical on every rank after `_reduce_stats`."""
+
+    loss: float = 0.0
+    nll_sum: float = 0.0
+    num_targets: float = 0.0
+
+
+# ---- building blocks ---------------------------------------------------------------------
+
+
+def _launch_world_size() -> int:
+    if torch.distributed.is_initialized():
+        return torch.distributed.get_world_size()
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def resolve_precision(precision: str) -> torch.dtype:
+    """auto: bf16 on GPU (megatron's usual mixed precision), fp32 on CPU (where bf16 is
+    slow and the tests compare runs exactly)."""
+    if precision == "auto":
+        return torch.bfloat16 if torch.cuda.is_available() else torch.float32
+    return {"bf16": torch.bfloat16, "fp32": torch.float32}[precision]
+
+
+def build_transformer_config(config: LongAlignConfig, dtype: torch.dtype, cpu: bool):
+    parallel, recompute = config.parallel, config.train.recompute
+    bf16 = dtype == torch.bfloat16
+    overrides: dict[str, Any] = dict(
+        tensor_model_parallel_size=parallel.tensor_model_parallel_size,
+        pipeline_model_parallel_size=parallel.pipeline_model_parallel_size,
+        context_parallel_size=parallel.context_parallel_size,
+        sequence_parallel=parallel.sequence_parallel,
+        bf16=bf16,
+        params_dtype=dtype,
+        pipeline_dtype=dtype,
+        # The contract: the schedule must not divide the loss (docs/TRAINING.md).
+        calculate_per_token_loss=True,
+        # THD micro-batches differ in length: pipeline stages exchange shapes first.
+        variable_seq_lengths=parallel.pipeline_model_parallel_size > 1,
+        # On CPU, initialise full weights and then split them: the same model for any TP.
+        use_cpu_initialization=cpu,
+        recompute_granularity=recompute.granularity,
+        recompute_method=recompute.method,
+        recompute_num_layers=recompute.num_layers,
+    )
+    if recompute.granularity == "selective":
+        overrides["recompute_modules"] = list(recompute.modules)
+    if overrides["variable_seq_lengths"]:
+        # megatron rejects variable lengths with its default MoE dispatcher ("allgather")
+        # even when the model has no experts.
+        overrides["moe_token_dispatcher_type"] = "alltoall"
+    return config.model.to_transformer_config(**overrides)
+
+
+def finalize_grads_as_sum(
+    model: list[torch.nn.Module],
+    num_tokens: torch.Tensor | None,
+    pg_collection: Any = None,
+    force_all_reduce: bool = False,
+) -> None:
+    """`config.finalize_model_grads_func`: megatron's finalize (DP reduce-scatter or
+    all-reduce, pipeline embedding sync) WITHOUT its division by the all-reduced token
+    count. The per-token weights already carry the global normalisation."""
+    from megatron.core.distributed import finalize_model_grads
+
+    del num_tokens
+    finalize_model_grads(
+        model, None, pg_collection=pg_collection, force_all_reduce=force_all_reduce
+    )
+
+
+def build_model(
+    config: LongAlignConfig,
+    transformer_config: Any,
+    device: torch.device,
+    init_weights: Callable[[list[torch.nn.Module]], None] | None = None,
+) -> list[torch.nn.Module]:
+    """This rank's model chunks (one per rank: no virtual pipeline), wrapped in megatron
+    DDP with SUM gradient reduction, and `transformer_config` wired to them."""
+    from megatron.core import parallel_state
+    from megatron.core.distributed import (
+        DistributedDataParallel,
+        DistributedDataParallelConfig,
+    )
+    from megatron.core.transformer.module import Float16Module
+
+    from megatron_longalign.model import build_gpt_model
+
+    chunk = build_gpt_model(
+        config.model,
+        pre_process=parallel_state.is_pipeline_first_stage(),
+        post_process=parallel_state.is_pipeline_last_stage(),
+        transformer_config=transformer_config,
+    )
+    chunks: list[torch.nn.Module] = [chunk]
+    if init_weights is not None:
+        init_weights(chunks)  # e.g. pretrained weights, before DDP copies them into buffers
+    chunks = [c.to(device) for c in chunks]
+    if transformer_config.bf16:
+        # megatron's mixed-precision wrapper: bf16 inside, fp32 loss out.
+        chunks = [Float16Module(transformer_config, c) for c in chunks]
+    ddp_config = DistributedDataParallelConfig(
+        use_distributed_optimizer=config.parallel.use_distributed_optimizer,
+        grad_reduce_in_fp32=True,
+        overlap_grad_reduce=False,
+        # Must stay False with calculate_per_token_loss: gradients are SUMMED over DP.
+        average_in_collective=False,
+        # Non-finite gradients are detected and skipped by the trainer, not raised here.
+        check_for_nan_in_grad=False,
+    )
+    wrapped = [
+        DistributedDataParallel(
+            config=transformer_config,
+            ddp_config=ddp_config,
+            module=c,
+            disable_bucketing=i > 0,
+        )
+        for i, c in enumerate(chunks)
+    ]
+    transformer_config.no_sync_func = wrapped[0].no_sync
+    transformer_config.finalize_model_grads_func = finalize_grads_as_sum
+    return wrapped
+
+
+def build_optimizer(config: LongAlignConfig, model: list[torch.nn.Module], dtype: torch.dtype):
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+
+    optim = config.optim
+    optimizer_config = OptimizerConfig(
+        optimizer=optim.optimizer,
+        lr=optim.lr,
+        min_lr=optim.min_lr,
+        weight_decay=optim.weight_decay,
+        adam_beta1=optim.adam_beta1,
+        adam_beta2=optim.adam_beta2,
+        adam_eps=optim.adam_eps,
+        sgd_momentum=optim.sgd_momentum,
+        clip_grad=optim.clip_grad,
+        bf16=dtype == torch.bfloat16,
+        fp16=False,
+        params_dtype=dtype,
+        use_distributed_optimizer=config.parallel.use_distributed_optimizer,
+    )
+    return get_megatron_optimizer(optimizer_config, model)
+
+
+def build_data(config: LongAlignConfig, dp_rank: int, dp_size: int) -> TrainData:
+    mixture = DatasetMixture(config.data.sources)
+    planner = GlobalBatchPlanner(
+        mixture.lengths,
+        mixture.target_counts,
+        mixture.sizes,
+        mixture.weights,
+        config.data,
+        dp_size=dp_size,
+        loss_reduction=config.train.loss_reduction,
+    )
+    builder = MicroBatchBuilder(
+        mixture.__getitem__,
+        pad_to_multiple_of=config.data.pad_to_multiple_of,
+        # Padding has weight 0 and its own pseudo-document: any valid id will do.
+        pad_token_id=0,
+        skipalign=config.data.skipalign,
+        seed=config.data.seed,
+    )
+    return TrainData(mixture, planner, builder, dp_rank)
+
+
+def _chained(optimizer: Any) -> list[Any]:
+    return list(getattr(optimizer, "chained_optimizers", [optimizer]))
+
+
+# ---- the trainer -------------------------------------------------------------------------
+
+
+@dataclass
+class TrainState:
+    """What a checkpoint must restore to continue the exact same run."""
+
+    step: int = 0  # iterations done (skipped ones included)
+    position: PlanPosition = field(default_factory=PlanPosition)  # next global batch
+    consumed_samples: int = 0
+    consecutive_bad_steps: int = 0
+    skipped_steps: int = 0
+
+
+class Trainer:
+    """Builds everything from a LongAlignConfig and trains.
+
+    `init_weights(chunks)` is called on the bare model chunks before DDP and the
+    optimizer are built (e.g. to load pretrained weights). `check_files=False` skips the
+    dataset-file checks of the validation (the data must still load).
+    """
+
+    def __init__(
+        self,
+        config: LongAlignConfig,
+        *,
+        init_weights: Callable[[list[torch.nn.Module]], None] | None = None,
+        check_files: bool = True,
+    ) -> None:
+        # Config mistakes surface before anything joins the job or loads data.
+        validate_config(config, _launch_world_size(), check_files=check_files)
+        self.config = config
+        initialize_distributed(config.parallel, seed=config.train.seed)
+        self.cpu = not torch.cuda.is_available()
+        self.device = (
+            torch.device("cpu") if self.cpu else torch.device("cuda", torch.cuda.current_device())
+        )
+        self.dtype = resolve_precision(config.train.precision)
+        self.is_rank0 = torch.distributed.get_rank() == 0
+        self.data = build_data(config, data_parallel_rank(), data_parallel_size())
+        self.total_steps = self._total_steps()
+        self.transformer_config = build_transformer_config(config, self.dtype, self.cpu)
+        self.model = build_model(config, self.transformer_config, self.device, init_weights)
+        self.optimizer = build_optimizer(config, self.model, self.dtype)
+        self.scheduler = build_scheduler(self.optimizer, config.optim, self.total_steps)
+        self.state = TrainState()
+        self._log_setup()
+
+    # ---- setup helpers -------------------------------------------------------------------
+
+    def _total_steps(self) -> int:
+        train = self.config.train
+        if train.max_steps is not None:
+            return train.max_steps
+        return sum(self.data.planner.num_steps(epoch) for epoch in range(train.epochs))
+
+    def _log_setup(self) -> None:
+        if not self.is_rank0:
+            return
+        report = self.data.planner.report
+        params = sum(p.numel() for chunk in self.model for p in chunk.parameters())
+        log.info(
+            "model %s: %d parameters on this rank, attention backend %s, %s; %d steps; "
+            "data: %d samples from %s, %d dropped as longer than data.seq_length",
+            self.config.model.name,
+            params,
+            getattr(self.unwrapped_model[0], "attention_backend", "?"),
+            str(self.dtype).replace("torch.", ""),
+            self.total_steps,
+            len(self.data.mixture),
+            ", ".join(f"{s.prefix} (weight {s.weight:g})" for s in self.data.mixture.sources),
+            report.dropped_overlength,
+        )
+
+    @property
+    def unwrapped_model(self) -> list[torch.nn.Module]:
+        """The LongAlignGPTModel chunks inside DDP (and Float16Module)."""
+        from megatron.core.utils import unwrap_model
+
+        return unwrap_model(self.model)
+
+    # ---- training ------------------------------------------------------------------------
+
+    def batches(self) -> Iterator[GlobalBatch]:
+        """Global batches from the current position on."""
+        epochs = self.config.train.epochs if self.config.train.max_steps is None else None
+        return self.data.planner.iterate(start=self.state.position, epochs=epochs)
+
+    def train(self) -> list[StepResult]:
+        """Run until `total_steps`; returns every step's result."""
+        from tqdm.auto import tqdm
+        from tqdm.contrib.logging import logging_redirect_tqdm
+
+        history: list[StepResult] = []
+        show_bar = self.is_rank0 and self.config.logging.progress_bar
+        with (
+            # Console handlers of the root logger (Hydra's) write through tqdm, so log
+            # lines do not tear the bar.
+            logging_redirect_tqdm(),
+            tqdm(
+                total=self.total_steps,
+                initial=self.state.step,
+                disable=not show_bar,
+                desc="train",
+                unit="step",
+                dynamic_ncols=True,
+            ) as bar,
+        ):
+            batches = self.batches()
+            while self.state.step < self.total_steps:
+                batch = next(batches, None)
+                if batch is None:  # epochs mode: the planned epochs are done
+                    break
+                result = self.train_step(batch)
+                history.append(result)
+                bar.update(1)
+                bar.set_postfix(loss=f"{result.loss:.4f}", lr=f"{result.lr:.2e}")
+                self._log_step(result)
+        return history
+
+    def train_step(self, batch: GlobalBatch) -> StepResult:
+        """One optimizer step on `batch` (normally the next one from `batches()`)."""
+        start = time.perf_counter()
+        micro_batches = self.data.micro_batches(batch)
+        self._zero_grads()
+        stats = self._forward_backward(micro_batches)
+        result = self._update(batch, stats, start)
+        # The batch is consumed even when the update was skipped.
+        self.state.step += 1
+        self.state.position = PlanPosition(batch.epoch, batch.step + 1)
+        self.state.consumed_samples += batch.num_samples
+        self._count_bad_steps(result)  # may stop the run
+        return result
+
+    def _zero_grads(self) -> None:
+        for chunk in self.model:
+            chunk.zero_grad_buffer()
+        self.optimizer.zero_grad()
+
+    def _forward_step(self, data_iterator: Iterator[MicroBatch], model: torch.nn.Module):
+        """megatron forward_step_func: the THD micro-batch goes to every stage (the first
+        stage reads tokens, every stage needs positions and cu_seqlens, the last one
+        labels)."""
+        from megatron_longalign.model import model_inputs
+
+        micro_batch = next(data_iterator)
+        inputs = model_inputs(micro_batch, self.device)
+        weights = torch.as_tensor(micro_batch.loss_weights, device=self.device)
+        output = model(**inputs)
+        return output, functools.partial(loss_func, weights)
+
+    def _forward_backward(self, micro_batches: list[MicroBatch]) -> _StepStats:
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        reports = get_forward_backward_func()(
+            forward_step_func=self._forward_step,
+            data_iterator=iter(micro_batches),
+            model=self.model,
+            num_microbatches=len(micro_batches),
+            # Only used for fixed pipeline shapes; THD stages exchange shapes instead.
+            seq_length=max(mb.num_tokens for mb in micro_batches),
+            micro_batch_size=1,  # THD: one packed row per micro-batch
+            forward_only=False,
+        )
+        return self._reduce_stats(reports)
+
+    def _reduce_stats(self, reports: list[dict[str, torch.Tensor]]) -> _StepStats:
+        """Sum the micro-batch reports over the whole job. Only last-stage ranks have
+        reports; each TP rank of the last stage has the same ones, hence / TP."""
+        from megatron.core import parallel_state
+
+        local = torch.zeros(3, dtype=torch.float64, device=self.device)
+        for report in reports:
+            local[0] += report[loss_keys.LOSS].double()
+            local[1] += report[loss_keys.NLL_SUM].double()
+            local[2] += report[loss_keys.NUM_TARGETS].double()
+        torch.distributed.all_reduce(local)
+        local /= parallel_state.get_tensor_model_parallel_world_size()
+        loss, nll_sum, num_targets = local.tolist()
+        return _StepStats(loss, nll_sum, num_targets)
+
+    def _update(self, batch: GlobalBatch, stats: _StepStats, start: float) -> StepResult:
+        """The optimizer half of megatron's ChainedOptimizer.step(), with the finiteness
+        check between computing the gradient norm and applying anything."""
+        from megatron.core.optimizer.clip_grads import clip_grad_by_total_norm_fp32
+
+        optimizer, clip = self.optimizer, self.config.optim.clip_grad
+        # lr for update number (applied + 1); undone below if the update does not happen.
+        self.scheduler.step(1)
+        lr = current_lr(optimizer)
+        found_inf = optimizer.prepare_grads()  # only fp16 loss scaling sets it
+        grad_norm = float(optimizer.get_grad_norm())
+        bad = found_inf or not math.isfinite(stats.loss) or not math.isfinite(grad_norm)
+        if bad:
+            self.scheduler.step(-1)
+            self._zero_grads()
+        else:
+            if clip > 0:
+                for inner in _chained(optimizer):
+                    params = inner.get_parameters()
+                    if params and not getattr(inner, "is_stub_optimizer", False):
+                        clip_grad_by_total_norm_fp32(
+                            params,
+                            clip,
+                            grad_norm,
+                            inner.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8,
+                        )
+            if not optimizer.step_with_ready_grads():
+                raise RuntimeError("the optimizer reported an unsuccessful step")
+        result = StepResult(
+            step=self.state.step + 1,
+            epoch=batch.epoch,
+            loss=stats.loss,
+            token_mean_loss=stats.nll_sum / max(stats.num_targets, 1.0),
+            target_tokens=int(round(stats.num_targets)),
+            real_tokens=batch.real_tokens,
+            lr=lr,
+            grad_norm=grad_norm,
+            skipped=bad,
+            step_time=time.perf_counter() - start,
+            rank_imbalance=batch.imbalance,
+        )
+        return result
+
+    def _count_bad_steps(self, result: StepResult) -> None:
+        state, limit = self.state, self.config.train.max_consecutive_bad_steps
+        if not result.skipped:
+            state.consecutive_bad_steps = 0
+            return
+        state.consecutive_bad_steps += 1
+        state.skipped_steps += 1
+        if self.is_rank0:
+            log.warning(
+                "step %d skipped: non-finite loss (%s) or gradient norm (%s); no update "
+                "(%d bad step(s) in a row, limit train.max_consecutive_bad_steps=%d)",
+                result.step,
+                result.loss,
+                result.grad_norm,
+                state.consecutive_bad_steps,
+                limit,
+            )
+        if state.consecutive_bad_steps >= limit:
+            raise NonFiniteTrainingError(
+                f"{state.consecutive_bad_steps} consecutive steps (the last: step "
+                f"{result.step}, epoch {result.epoch}) had a non-finite loss or gradient "
+                f"norm, reaching train.max_consecutive_bad_steps={limit}; the model was "
+                "not updated by them. Lower optim.lr, keep optim.clip_grad > 0, check the "
+                "data, or raise train.max_consecutive_bad_steps"
+            )
+
+    def _log_step(self, result: StepResult) -> None:
+        if not self.is_rank0 or result.skipped:
+            return  # skipped steps were reported as warnings
+        if result.step % self.config.logging.log_interval and result.step != self.total_steps:
+            return
+        log.info(format_step(result, self.total_steps))
+
+
+def format_step(result: StepResult, total_steps: int) -> str:
+    return (
+        f"step {result.step}/{total_steps} | epoch {result.epoch} | loss {result.loss:.4f} "
+        f"| token-mean loss {result.token_mean_loss:.4f} | lr {result.lr:.3e} "
+        f"| grad norm {result.grad_norm:.3f} | tokens/s {result.tokens_per_sec:,.0f}"
+    )

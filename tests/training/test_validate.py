@@ -1,0 +1,177 @@
+"""Start-up validation: every problem is reported, each naming the field to change; and
+the YAML in conf/ composes into valid typed configs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from megatron_longalign.config.training import LongAlignConfig, to_config
+from megatron_longalign.config.validate import ConfigError, config_problems, validate_config
+from tests.training.workers.common import tiny_training_config
+
+CONF = Path(__file__).resolve().parents[2] / "conf"
+
+
+@pytest.fixture
+def config(sample_prefixes) -> LongAlignConfig:
+    return tiny_training_config(sample_prefixes, max_steps=10)
+
+
+def problem_about(config: LongAlignConfig, *fields: str, world_size: int = 1) -> str:
+    """The one problem that names all of `fields`."""
+    problems = config_problems(config, world_size)
+    matching = [p for p in problems if all(f in p for f in fields)]
+    assert len(matching) == 1, (fields, problems)
+    return matching[0]
+
+
+def test_the_test_config_is_valid(config):
+    validate_config(config, world_size=1)
+    validate_config(config, world_size=2)  # DP 2: global batch 2 = 1 x 2
+
+
+def test_tensor_parallel_must_divide_heads_and_kv_heads(config):
+    config.parallel.tensor_model_parallel_size = 4
+    config.model.num_query_groups = 2  # 4 query heads, 2 KV heads
+    message = problem_about(
+        config, "parallel.tensor_model_parallel_size", "model.num_query_groups", world_size=4
+    )
+    assert "(4) must divide" in message and "(2)" in message
+    config.parallel.tensor_model_parallel_size = 3
+    problem_about(
+        config, "parallel.tensor_model_parallel_size", "model.num_attention_heads", world_size=3
+    )
+
+
+def test_global_batch_divisible_by_micro_batch_times_dp(config):
+    config.data.global_batch_size = 6
+    config.data.micro_batch_size = 2
+    message = problem_about(config, "global_batch_size", "micro_batch_size", world_size=2)
+    assert "data.global_batch_size (6)" in message and "data-parallel size (2)" in message
+
+
+def test_pad_multiple_must_suit_sequence_and_context_parallelism(config):
+    config.parallel.tensor_model_parallel_size = 2
+    config.parallel.sequence_parallel = True
+    config.parallel.context_parallel_size = 2
+    config.data.pad_to_multiple_of = 3
+    config.data.seq_length = 1026  # keep DataConfig's own seq_length % pad check quiet
+    message = problem_about(config, "data.pad_to_multiple_of=3", world_size=4)
+    # lcm(TP 2, 2 x CP 4) = 4, and lcm(3, 4) = 12 is the suggestion.
+    assert "multiple of 4" in message and "set data.pad_to_multiple_of=12" in message
+    # The same layout also names what else it needs.
+    problem_about(config, "parallel.sequence_parallel", "model.attention_backend", world_size=4)
+    problem_about(config, "parallel.context_parallel_size", world_size=4)
+
+
+def test_missing_data_files_name_the_source(config, tmp_path):
+    config.data.sources[1].prefix = str(tmp_path / "nowhere")
+    message = problem_about(config, "data.sources[1].prefix")
+    assert "nowhere.bin" in message and "tools/preprocess.py" in message
+    # ... and only that source
+    assert not [p for p in config_problems(config) if "data.sources[0]" in p]
+
+
+def test_tokenizer_vocabulary_must_fit_the_model(config):
+    config.model.vocab_size = 512  # the test tokenizer has 600 pieces
+    message = problem_about(config, "model.vocab_size (512)")
+    assert "(600)" in message
+
+
+def test_positions_must_fit_max_position_embeddings(config):
+    config.model.max_position_embeddings = 512
+    problem_about(config, "model.max_position_embeddings (512)", "data.seq_length (1024)")
+    config.model.max_position_embeddings = 4096
+    config.data.skipalign = type(config.data.skipalign)(enabled=True, target_context_length=8192)
+    problem_about(config, "model.max_position_embeddings", "data.skipalign.target_context_length")
+
+
+def test_run_length_schedule_and_recompute_fields(config):
+    config.train.max_steps = None
+    problem_about(config, "train.max_steps", "train.epochs")
+    config.train.max_steps = 2
+    config.optim.lr_warmup_steps = 2
+    problem_about(config, "optim.lr_warmup_steps (2)")
+    config.optim.lr_warmup_steps = 0
+    config.train.recompute.granularity = "full"
+    problem_about(config, "train.recompute.method")
+    problem_about(config, "train.recompute.num_layers")
+    config.train.recompute.granularity = "everything"
+    problem_about(config, "train.recompute.granularity='everything'")
+
+
+def test_choices_name_the_field(config):
+    config.train.loss_reduction = "mean"
+    config.train.precision = "fp8"
+    config.optim.lr_decay_style = "step"
+    config.train.max_consecutive_bad_steps = 0
+    problem_about(config, "train.loss_reduction='mean'")
+    problem_about(config, "train.precision='fp8'")
+    problem_about(config, "optim.lr_decay_style='step'")
+    problem_about(config, "train.max_consecutive_bad_steps")
+
+
+def test_all_problems_in_one_error(config):
+    config.parallel.pipeline_model_parallel_size = 3  # 2 layers
+    config.data.global_batch_size = 3
+    config.optim.lr = 0.0
+    with pytest.raises(ConfigError) as caught:
+        validate_config(config, world_size=3)
+    text = str(caught.value)
+    assert len(caught.value.problems) >= 3
+    for field in ("model.num_layers", "optim.lr must be > 0", "pipeline_model_parallel_size"):
+        assert field in text
+
+
+# ---- conf/*.yaml ---------------------------------------------------------------------------
+
+
+def compose(*overrides: str) -> LongAlignConfig:
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    from megatron_longalign.config.training import register_configs
+
+    register_configs()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return to_config(hydra_compose(config_name="config", overrides=list(overrides)))
+
+
+def test_smoke_experiment_composes_to_a_valid_config():
+    config = compose("+experiment=smoke")
+    assert isinstance(config, LongAlignConfig)
+    assert config.model.name == "tiny" and config.data.seq_length == 4096
+    assert config.data.on_overlength == "drop" and config.train.max_steps == 40
+    assert [s.prefix for s in config.data.sources] == [
+        "outputs/demo/long",
+        "outputs/demo/short_chat",
+    ]
+    assert config.train.output_dir == "outputs/smoke"
+    assert not config_problems(config, world_size=1, check_files=False)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["parallel=tp2"],
+        ["parallel=pp2"],
+        ["data=longalign", "model=llama2_7b", "model.max_position_embeddings=65536"],
+        ["data.skipalign.enabled=true", "data.skipalign.target_context_length=8192"],
+        ["train.max_steps=null", "train.epochs=2"],
+    ],
+)
+def test_config_groups_compose_and_validate(overrides):
+    config = compose(*overrides)
+    world_size = 2 if any("parallel=" in o for o in overrides) else 1
+    if "data=longalign" in overrides:
+        config.data.global_batch_size = 8
+    assert not config_problems(config, world_size, check_files=False), overrides
+
+
+def test_unknown_keys_are_rejected_by_the_schema():
+    from hydra.errors import ConfigCompositionException
+
+    with pytest.raises(ConfigCompositionException):
+        compose("train.max_stepz=3")

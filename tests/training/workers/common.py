@@ -1,0 +1,82 @@
+"""Helpers shared by the trainer tests and their torchrun workers: a tiny training config
+on small preprocessed datasets (tests/conftest.py `sample_prefixes`), sized so a step
+takes well under a second on one CPU core.
+
+Workers import this as `common` (their own directory is on sys.path); pytest modules as
+`tests.training.workers.common`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from megatron_longalign.config.data import DataConfig, DatasetSource
+from megatron_longalign.config.training import (
+    LoggingConfig,
+    LongAlignConfig,
+    OptimConfig,
+    TrainConfig,
+)
+from megatron_longalign.model.config import ModelConfig
+from megatron_longalign.parallel.distributed import ParallelConfig
+
+# The session tokenizer of tests/conftest.py has 600 pieces.
+VOCAB = 640
+
+
+def tiny_training_config(
+    prefixes: dict[str, str],
+    *,
+    max_steps: int = 4,
+    global_batch_size: int = 2,
+    micro_batch_size: int = 1,
+    seq_length: int = 1024,
+    loss_reduction: str = "sequence",
+    tp: int = 1,
+    pp: int = 1,
+    **train_changes,
+) -> LongAlignConfig:
+    """Tiny Llama-style model (2 layers, hidden 64, GQA 4:2) on the test datasets: packs
+    of `seq_length` tokens, longer samples dropped; fp32, no progress bar."""
+    model = ModelConfig(
+        name="tiny-test",
+        num_layers=2,
+        hidden_size=64,
+        ffn_hidden_size=128,
+        num_attention_heads=4,
+        num_query_groups=2,
+        vocab_size=VOCAB,
+        # 640 is a multiple of 64 x TP for TP 1 and 2: the same padded vocabulary (and
+        # softmax) on every layout.
+        make_vocab_size_divisible_by=64,
+        max_position_embeddings=4096,
+        attention_backend="sdpa",
+    )
+    data = DataConfig(
+        sources=[DatasetSource(prefix, 1.0) for prefix in prefixes.values()],
+        seq_length=seq_length,
+        micro_batch_size=micro_batch_size,
+        global_batch_size=global_batch_size,
+        on_overlength="drop",
+        seed=5,
+    )
+    optim = OptimConfig(
+        lr=3e-3,
+        min_lr=3e-4,
+        lr_warmup_steps=min(2, max_steps - 1) if max_steps else 0,
+        lr_decay_style="cosine",
+        clip_grad=1.0,
+    )
+    train = TrainConfig(
+        max_steps=max_steps, loss_reduction=loss_reduction, precision="fp32", seed=11
+    )
+    train = replace(train, **train_changes)
+    return LongAlignConfig(
+        name="test",
+        model=model,
+        data=data,
+        parallel=ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp),
+        optim=optim,
+        train=train,
+        logging=LoggingConfig(log_interval=1, progress_bar=False),
+    )
