@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+import sys
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,16 @@ from megatron_longalign.data.tokenizer import load_tokenizer
 from megatron_longalign.data.tokenizer_training import train_hf_bpe, train_sentencepiece
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def _reset_wandb_after_each_test():
+    """wandb keeps settings read from the environment (WANDB_DIR, WANDB_MODE) in a
+    process-wide singleton; without a teardown one test's run directory leaks into the
+    next test's."""
+    yield
+    if "wandb" in sys.modules:
+        sys.modules["wandb"].teardown()
 
 _WORDS = (  # noqa: SIM905 (a word list reads better as one string)
     "the secret code of amber gate is lives in city famous for weaving copper lanterns "

@@ -85,20 +85,42 @@ class TrainConfig:
     max_consecutive_bad_steps: int = 3
     # Where the run writes its files (Hydra's run directory: resolved config, logs).
     output_dir: str = "outputs/train"
+    # Checkpoints (training/checkpoint.py): null = no checkpointing. conf/train/default.yaml
+    # sets ${train.output_dir}/checkpoints; programmatic configs opt in.
+    checkpoint_dir: str | None = None
+    # Save every save_interval steps (0 = only at the end) and at the end of the run (a
+    # final save that would repeat the last periodic one is skipped).
+    save_interval: int = 0
+    # Complete checkpoints to keep (null = all).
+    keep_last: int | None = 3
+    # auto: continue from checkpoint_dir's `latest` if there is one | never | a path (a
+    # step_<N> checkpoint directory, or a checkpoint root with a `latest` file).
+    resume: str = "auto"
+
+
+WANDB_MODES = ("auto", "online", "offline", "disabled")
+RESUME_KEYWORDS = ("auto", "never")
 
 
 @dataclass
 class WandbConfig:
-    enabled: bool = False
+    # auto: online with WANDB_API_KEY, offline without (an explicit WANDB_MODE wins) |
+    # online | offline | disabled (wandb is not imported)
+    mode: str = "disabled"
     project: str = "megatron-longalign"
     entity: str | None = None
     run_name: str | None = None
-    mode: str = "online"  # online | offline | disabled
+    tags: list[str] = field(default_factory=list)
+    # Parent of wandb's own `wandb/` directory; null: WANDB_DIR, else the working directory.
+    dir: str | None = None
+    # Continue this run; null: a new run, or the one stored in the resumed checkpoint.
+    run_id: str | None = None
 
 
 @dataclass
 class LoggingConfig:
-    # Console line every log_interval steps (rank 0); skipped steps are always reported.
+    # Metrics (console line + wandb) every log_interval steps and at the last step (rank 0);
+    # skipped steps are always reported as warnings.
     log_interval: int = 1
     # tqdm progress bar on rank 0
     progress_bar: bool = True

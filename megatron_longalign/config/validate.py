@@ -23,6 +23,7 @@ from megatron_longalign.config.training import (
     PRECISIONS,
     RECOMPUTE_GRANULARITIES,
     RECOMPUTE_METHODS,
+    WANDB_MODES,
     LongAlignConfig,
 )
 
@@ -293,6 +294,20 @@ def _train_problems(config: LongAlignConfig, world_size: int) -> list[str]:
             "train.max_consecutive_bad_steps must be >= 1 (1 = stop at the first non-finite "
             f"step), got {train.max_consecutive_bad_steps}"
         )
+    if train.save_interval < 0:
+        problems.append(
+            f"train.save_interval must be >= 0 (0 = save at the end only), got "
+            f"{train.save_interval}"
+        )
+    if train.keep_last is not None and train.keep_last < 1:
+        problems.append(f"train.keep_last must be >= 1 or null (keep all), got {train.keep_last}")
+    if not train.resume:
+        problems.append("train.resume must be auto, never or a checkpoint path; got ''")
+    if train.checkpoint_dir is None and train.save_interval:
+        problems.append(
+            f"train.save_interval={train.save_interval} needs train.checkpoint_dir (null: "
+            "checkpointing is off)"
+        )
     problems += _recompute_problems(config)
     return problems
 
@@ -332,6 +347,16 @@ def _recompute_problems(config: LongAlignConfig) -> list[str]:
 
 
 def _logging_problems(config: LongAlignConfig, world_size: int) -> list[str]:
-    if config.logging.log_interval < 1:
-        return [f"logging.log_interval must be >= 1, got {config.logging.log_interval}"]
-    return []
+    from megatron_longalign.training.logger import _RUN_ID
+
+    logging, problems = config.logging, []
+    if logging.log_interval < 1:
+        problems.append(f"logging.log_interval must be >= 1, got {logging.log_interval}")
+    if logging.wandb.mode not in WANDB_MODES:
+        problems.append(f"logging.wandb.mode={logging.wandb.mode!r}; choose one of {WANDB_MODES}")
+    run_id = logging.wandb.run_id
+    if run_id is not None and not _RUN_ID.match(run_id):
+        problems.append(
+            f"logging.wandb.run_id={run_id!r}: use 1-128 letters, digits, '-', '_' or '.'"
+        )
+    return problems

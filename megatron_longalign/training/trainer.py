@@ -15,6 +15,14 @@ One step (`train_step`):
    in a row stop the run with `NonFiniteTrainingError`;
 4. otherwise: clip, scheduler step, optimizer update.
 
+`train()` adds, around the steps (docs/TRAINING.md, "Resume and logging"):
+- checkpoints (training/checkpoint.py) every `train.save_interval` steps and at the end,
+  into `train.checkpoint_dir`; `Trainer(...)` resumes first (`train.resume`): model,
+  optimizer, scheduler, RNG, data position and consumed samples, so the run continues
+  the exact same stream;
+- the DESIGN.md metrics (training/metrics.py) every `logging.log_interval` steps and at
+  the last one, through MetricsLogger (training/logger.py: console line + wandb, rank 0).
+
 The loss/gradient contract (docs/TRAINING.md, "The path we use"):
 `calculate_per_token_loss=True` is set before DDP is built, `loss_func` returns
 (sum_t w_t nll_t, num_targets, report), and `finalize_grads_as_sum` calls megatron's
@@ -24,6 +32,7 @@ grad(sum_t w_t nll_t) over the global batch for any DP / micro-batch / PP layout
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import math
@@ -31,6 +40,7 @@ import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -46,6 +56,15 @@ from megatron_longalign.parallel.distributed import (
     initialize_distributed,
 )
 from megatron_longalign.training import loss as loss_keys
+from megatron_longalign.training import metrics as metrics_lib
+from megatron_longalign.training.checkpoint import (
+    MARKER,
+    CheckpointError,
+    CheckpointManager,
+    TrainingState,
+)
+from megatron_longalign.training.logger import LoggingConfig as MetricsLoggingConfig
+from megatron_longalign.training.logger import MetricsLogger
 from megatron_longalign.training.loss import loss_func
 from megatron_longalign.training.schedule import build_scheduler, current_lr
 
@@ -69,6 +88,8 @@ class StepResult:
     skipped: bool
     step_time: float  # seconds
     rank_imbalance: float  # max / mean estimated rank cost of the global batch
+    flops: float = 0.0  # model FLOPs of the step, whole job (metrics.training_flops)
+    packing_efficiency: float = 0.0  # real tokens / token budget of the global batch
 
     @property
     def tokens_per_sec(self) -> float:
@@ -85,6 +106,7 @@ class StepResult:
             "train/skipped": float(self.skipped),
             "perf/tokens_per_sec": self.tokens_per_sec,
             "data/rank_imbalance": self.rank_imbalance,
+            "data/packing_efficiency": self.packing_efficiency,
         }
 
 
@@ -295,7 +317,12 @@ class Trainer:
 
     `init_weights(chunks)` is called on the bare model chunks before DDP and the
     optimizer are built (e.g. to load pretrained weights). `check_files=False` skips the
-    dataset-file checks of the validation (the data must still load).
+    dataset-file checks of the validation (the data must still load). `metrics_logger`
+    replaces the MetricsLogger that `train()` would open from `config.logging` (tests,
+    benchmarks); the caller closes it.
+
+    The constructor resumes from a checkpoint when `train.resume` says so
+    (`resumed_from` is then its path).
     """
 
     def __init__(
@@ -304,6 +331,7 @@ class Trainer:
         *,
         init_weights: Callable[[list[torch.nn.Module]], None] | None = None,
         check_files: bool = True,
+        metrics_logger: MetricsLogger | None = None,
     ) -> None:
         # Config mistakes surface before anything joins the job or loads data.
         validate_config(config, _launch_world_size(), check_files=check_files)
@@ -322,7 +350,25 @@ class Trainer:
         self.optimizer = build_optimizer(config, self.model, self.dtype)
         self.scheduler = build_scheduler(self.optimizer, config.optim, self.total_steps)
         self.state = TrainState()
+        # Metrics: global step values, per GPU over every rank of the job.
+        peak = metrics_lib.peak_flops(
+            metrics_lib.detect_device_name(), metrics_lib.matmul_dtype(self.dtype)
+        )
+        self.throughput = metrics_lib.ThroughputMeter(torch.distributed.get_world_size(), peak)
+        self.loss_by_length = metrics_lib.LossByLength()
+        self._step_loss_by_length = metrics_lib.LossByLength()
+        self.last_metrics: dict[str, float] = {}
+        self.metrics_logger = metrics_logger
+        self._own_metrics_logger = False
+        # Checkpoints.
+        ckpt_dir = config.train.checkpoint_dir
+        self.checkpoints = (
+            CheckpointManager(ckpt_dir, keep_last=config.train.keep_last) if ckpt_dir else None
+        )
+        self.last_saved_step: int | None = None
+        self.wandb_run_id: str | None = config.logging.wandb.run_id
         self._log_setup()
+        self.resumed_from = self._resume()
 
     # ---- setup helpers -------------------------------------------------------------------
 
@@ -357,6 +403,167 @@ class Trainer:
 
         return unwrap_model(self.model)
 
+    # ---- checkpoints ---------------------------------------------------------------------
+
+    def _find_resume_path(self) -> Path | None:
+        """Rank 0's reading of `train.resume`: auto -> checkpoint_dir's `latest` (None
+        when nothing was saved yet), never -> None, else a checkpoint directory or a
+        checkpoint root with a `latest` file."""
+        resume = self.config.train.resume
+        if resume == "never":
+            if self.checkpoints is not None and (self.checkpoints.root / "latest").exists():
+                log.warning(
+                    "train.resume=never: starting fresh although %s has checkpoints",
+                    self.checkpoints.root,
+                )
+            return None
+        if resume == "auto":
+            return self.checkpoints.latest() if self.checkpoints is not None else None
+        path = Path(resume)
+        if (path / MARKER).is_file():
+            return path
+        if (path / "latest").is_file():
+            return CheckpointManager(path).latest()
+        raise CheckpointError(
+            f"train.resume={resume!r} is neither a complete checkpoint (no {MARKER}) nor a "
+            "checkpoint root with a `latest` file; use auto, never, or such a path"
+        )
+
+    def _resume(self) -> Path | None:
+        """Restore model, optimizer, scheduler, RNG and data position if `train.resume`
+        finds a checkpoint. Collective (rank 0 decides, every rank loads)."""
+        holder: list[Any] = [None]
+        if self.is_rank0:
+            try:
+                found = self._find_resume_path()
+                holder[0] = ("ok", str(found) if found is not None else None)
+            except CheckpointError as err:
+                holder[0] = ("error", str(err))
+        torch.distributed.broadcast_object_list(holder, src=0)
+        status, value = holder[0]
+        if status == "error":
+            raise CheckpointError(value)
+        if value is None:
+            return None
+        path = Path(value)
+        manager = self.checkpoints or CheckpointManager(path.parent)
+        saved = manager.load(path, self.model, self.optimizer, self.scheduler)
+        extra = saved.extra
+        self.state = TrainState(
+            step=saved.step,
+            position=saved.plan_position,
+            consumed_samples=saved.consumed_samples,
+            consecutive_bad_steps=int(extra.get("consecutive_bad_steps", 0)),
+            skipped_steps=int(extra.get("skipped_steps", 0)),
+        )
+        if self.wandb_run_id is None:
+            self.wandb_run_id = extra.get("wandb_run_id")
+        self.last_saved_step = saved.step  # nothing new to save until a step runs
+        if self.is_rank0:
+            log.info(
+                "resumed from %s: step %d, data position %s, %d samples consumed",
+                path,
+                saved.step,
+                saved.plan_position,
+                saved.consumed_samples,
+            )
+        return path
+
+    def save_checkpoint(self) -> Path:
+        """Save the current state to `train.checkpoint_dir`. Collective."""
+        if self.checkpoints is None:
+            raise CheckpointError("train.checkpoint_dir is null: checkpointing is off")
+        state = self.state
+        logger_id = self.metrics_logger.run_id if self.metrics_logger is not None else None
+        extra = {
+            "wandb_run_id": logger_id or self.wandb_run_id,
+            "skipped_steps": state.skipped_steps,
+            "consecutive_bad_steps": state.consecutive_bad_steps,
+            "name": self.config.name,
+        }
+        path = self.checkpoints.save(
+            TrainingState(state.step, state.consumed_samples, state.position, extra),
+            self.model,
+            self.optimizer,
+            self.scheduler,
+        )
+        self.last_saved_step = state.step
+        return path
+
+    def _maybe_save(self, final: bool) -> None:
+        if self.checkpoints is None or self.state.step == 0:
+            return
+        if self.last_saved_step == self.state.step:
+            return  # the last periodic save (or the resumed checkpoint) is this step
+        interval = self.config.train.save_interval
+        if final or (interval and self.state.step % interval == 0):
+            self.save_checkpoint()
+
+    # ---- metrics -------------------------------------------------------------------------
+
+    def _open_metrics_logger(self) -> None:
+        if self.metrics_logger is not None:
+            return
+        logging_config, wandb = self.config.logging, self.config.logging.wandb
+        config = MetricsLoggingConfig(
+            log_interval=logging_config.log_interval,
+            wandb_mode=wandb.mode,
+            project=wandb.project,
+            entity=wandb.entity,
+            name=wandb.run_name,
+            tags=list(wandb.tags),
+            dir=wandb.dir,
+            run_id=self.wandb_run_id,
+        )
+        try:
+            run_config = dataclasses.asdict(self.config)
+        except TypeError:  # pragma: no cover - defensive: not every field is a dataclass
+            run_config = None
+        self.metrics_logger = MetricsLogger(config, run_config=run_config, stream=_LogStream())
+        self._own_metrics_logger = True
+        self.wandb_run_id = self.metrics_logger.run_id or self.wandb_run_id
+
+    def close_metrics_logger(self) -> None:
+        if self._own_metrics_logger and self.metrics_logger is not None:
+            self.metrics_logger.close()
+            self.metrics_logger = None
+            self._own_metrics_logger = False
+
+    def _record_metrics(self, result: StepResult) -> None:
+        """Accumulate the step; on a logging step (every log_interval steps and the last
+        one: the same decision on every rank) reduce and log the window. Collective on
+        logging steps (loss by length is summed over the job)."""
+        self.throughput.update(result.real_tokens, result.flops, result.step_time)
+        step = result.step
+        if step % self.config.logging.log_interval and step != self.total_steps:
+            return
+        # Every rank's documents; non-last pipeline stages add zeros, TP duplicates scale
+        # sums and counts alike, so the means are right.
+        self.loss_by_length.all_reduce()
+        loss_by_len = self.loss_by_length.means()
+        self.loss_by_length.reset()
+        throughput = self.throughput.summary()
+        self.throughput.reset()
+        if result.skipped:
+            return  # reported as a warning instead
+        metrics = metrics_lib.step_metrics(
+            loss=result.loss,
+            lr=result.lr,
+            grad_norm=result.grad_norm,
+            throughput=throughput,
+            packing_efficiency=result.packing_efficiency,
+            rank_imbalance=result.rank_imbalance,
+            peak_memory_gb=metrics_lib.peak_memory_gb(),
+            loss_by_len=loss_by_len,
+        )
+        metrics["train/token_mean_loss"] = result.token_mean_loss
+        metrics["train/epoch"] = float(result.epoch)
+        metrics["train/consumed_samples"] = float(self.state.consumed_samples)
+        metrics["train/skipped_steps"] = float(self.state.skipped_steps)
+        self.last_metrics = metrics
+        if self.metrics_logger is not None:
+            self.metrics_logger.log(step, metrics, force=True)
+
     # ---- training ------------------------------------------------------------------------
 
     def batches(self) -> Iterator[GlobalBatch]:
@@ -371,6 +578,9 @@ class Trainer:
 
         history: list[StepResult] = []
         show_bar = self.is_rank0 and self.config.logging.progress_bar
+        self._open_metrics_logger()
+        self.throughput.reset()
+        self.loss_by_length.reset()
         with (
             # Console handlers of the root logger (Hydra's) write through tqdm, so log
             # lines do not tear the bar.
@@ -384,16 +594,21 @@ class Trainer:
                 dynamic_ncols=True,
             ) as bar,
         ):
-            batches = self.batches()
-            while self.state.step < self.total_steps:
-                batch = next(batches, None)
-                if batch is None:  # epochs mode: the planned epochs are done
-                    break
-                result = self.train_step(batch)
-                history.append(result)
-                bar.update(1)
-                bar.set_postfix(loss=f"{result.loss:.4f}", lr=f"{result.lr:.2e}")
-                self._log_step(result)
+            try:
+                batches = self.batches()
+                while self.state.step < self.total_steps:
+                    batch = next(batches, None)
+                    if batch is None:  # epochs mode: the planned epochs are done
+                        break
+                    result = self.train_step(batch)
+                    history.append(result)
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{result.loss:.4f}", lr=f"{result.lr:.2e}")
+                    self._record_metrics(result)
+                    self._maybe_save(final=False)
+                self._maybe_save(final=True)
+            finally:
+                self.close_metrics_logger()
         return history
 
     def train_step(self, batch: GlobalBatch) -> StepResult:
@@ -401,8 +616,11 @@ class Trainer:
         start = time.perf_counter()
         micro_batches = self.data.micro_batches(batch)
         self._zero_grads()
+        self._step_loss_by_length.reset()
         stats = self._forward_backward(micro_batches)
         result = self._update(batch, stats, start)
+        if not result.skipped:  # a skipped step's losses are not finite
+            _merge_loss_by_length(self.loss_by_length, self._step_loss_by_length)
         # The batch is consumed even when the update was skipped.
         self.state.step += 1
         self.state.position = PlanPosition(batch.epoch, batch.step + 1)
@@ -425,7 +643,15 @@ class Trainer:
         inputs = model_inputs(micro_batch, self.device)
         weights = torch.as_tensor(micro_batch.loss_weights, device=self.device)
         output = model(**inputs)
-        return output, functools.partial(loss_func, weights)
+        return output, functools.partial(self._loss_func, micro_batch, weights)
+
+    def _loss_func(self, micro_batch: MicroBatch, weights: torch.Tensor, token_nll):
+        """`loss_func`, and the per-token losses into this step's loss-by-length buckets
+        (merged into the logging window unless the step is skipped)."""
+        self._step_loss_by_length.add_microbatch(
+            micro_batch, token_nll.detach(), sample_lengths=self.data.planner.lengths
+        )
+        return loss_func(weights, token_nll)
 
     def _forward_backward(self, micro_batches: list[MicroBatch]) -> _StepStats:
         from megatron.core.pipeline_parallel import get_forward_backward_func
@@ -485,6 +711,9 @@ class Trainer:
                         )
             if not optimizer.step_with_ready_grads():
                 raise RuntimeError("the optimizer reported an unsuccessful step")
+        metrics_lib.cuda_synchronize()  # the step's kernels are done before the clock stops
+        step_time = time.perf_counter() - start
+        planner, data_config = self.data.planner, self.config.data
         result = StepResult(
             step=self.state.step + 1,
             epoch=batch.epoch,
@@ -495,8 +724,14 @@ class Trainer:
             lr=lr,
             grad_norm=grad_norm,
             skipped=bad,
-            step_time=time.perf_counter() - start,
+            step_time=step_time,
             rank_imbalance=batch.imbalance,
+            flops=metrics_lib.training_flops(
+                self.config.model, metrics_lib.batch_document_lengths(batch, planner.lengths)
+            ),
+            packing_efficiency=metrics_lib.batch_packing_efficiency(
+                batch, data_config.micro_batch_size, data_config.seq_length
+            ),
         )
         return result
 
@@ -526,17 +761,28 @@ class Trainer:
                 "data, or raise train.max_consecutive_bad_steps"
             )
 
-    def _log_step(self, result: StepResult) -> None:
-        if not self.is_rank0 or result.skipped:
-            return  # skipped steps were reported as warnings
-        if result.step % self.config.logging.log_interval and result.step != self.total_steps:
-            return
-        log.info(format_step(result, self.total_steps))
+
+def _merge_loss_by_length(into: metrics_lib.LossByLength, step: metrics_lib.LossByLength) -> None:
+    into._move_to(step._sums.device)
+    into._sums += step._sums
+    into._counts += step._counts
 
 
-def format_step(result: StepResult, total_steps: int) -> str:
-    return (
-        f"step {result.step}/{total_steps} | epoch {result.epoch} | loss {result.loss:.4f} "
-        f"| token-mean loss {result.token_mean_loss:.4f} | lr {result.lr:.3e} "
-        f"| grad norm {result.grad_norm:.3f} | tokens/s {result.tokens_per_sec:,.0f}"
-    )
+class _LogStream:
+    """A text stream for MetricsLogger's console line: whole lines go to the
+    `megatron_longalign.train` logger (Hydra's console and log file; written through
+    tqdm while the bar is shown)."""
+
+    def __init__(self) -> None:
+        self._buffer = ""
+
+    def write(self, text: str) -> int:
+        self._buffer += text
+        while "\n" in self._buffer:
+            line, self._buffer = self._buffer.split("\n", 1)
+            if line:
+                log.info("%s", line)
+        return len(text)
+
+    def flush(self) -> None:
+        pass

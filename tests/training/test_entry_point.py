@@ -31,12 +31,17 @@ def demo_dir(sample_prefixes, tmp_path_factory) -> Path:
 def run_train(demo_dir: Path, run_dir: Path, *overrides: str) -> subprocess.CompletedProcess:
     env = worker_env()
     env["DEMO_OUT"] = str(demo_dir)
+    # wandb (mode auto) stays offline and writes under the run directory.
+    env.pop("WANDB_API_KEY", None)
+    env["WANDB_MODE"] = "offline"
+    env["WANDB_SILENT"] = "true"
     command = [
         sys.executable,
         "-m",
         "megatron_longalign.train",
         "+experiment=smoke",
-        f"hydra.run.dir={run_dir}",
+        # Checkpoints and wandb go under train.output_dir (Hydra's run dir too).
+        f"train.output_dir={run_dir}",
         "logging.progress_bar=false",
         *overrides,
     ]
@@ -55,8 +60,12 @@ def test_smoke_experiment_trains_a_few_steps(demo_dir, tmp_path):
     output = result.stdout + result.stderr
     assert result.returncode == 0, output
     for step in (1, 2, 3):
-        assert f"step {step}/3 | epoch 0 | loss " in output, output
+        assert f"step {step} | loss " in output, output
     assert "done: 3 steps (0 skipped)" in output
+    # The end of the run is checkpointed, and wandb wrote an offline run.
+    checkpoints = tmp_path / "run" / "checkpoints"
+    assert (checkpoints / "latest").read_text().strip() == "step_00000003"
+    assert list((tmp_path / "run" / "wandb").glob("offline-run-*"))
     assert f"{demo_dir}/long (weight 1)" in output  # DEMO_OUT picked the datasets
     # Hydra's record of the config, in the run directory we asked for.
     assert "name: smoke" in (tmp_path / "run" / ".hydra" / "config.yaml").read_text()

@@ -175,3 +175,19 @@ def test_unknown_keys_are_rejected_by_the_schema():
 
     with pytest.raises(ConfigCompositionException):
         compose("train.max_stepz=3")
+
+
+def test_checkpoint_and_wandb_fields_are_validated(sample_prefixes):
+    config = tiny_training_config(sample_prefixes, save_interval=-1, keep_last=0, resume="")
+    config.logging.wandb.mode = "sometimes"
+    config.logging.wandb.run_id = "bad id"
+    problems = "\n".join(config_problems(config, check_files=False))
+    assert "train.save_interval must be >= 0" in problems
+    assert "train.keep_last must be >= 1" in problems
+    assert "train.resume must be" in problems
+    assert "logging.wandb.mode='sometimes'" in problems
+    assert "logging.wandb.run_id='bad id'" in problems
+    config = tiny_training_config(sample_prefixes, save_interval=5)  # no checkpoint_dir
+    assert any(
+        "needs train.checkpoint_dir" in p for p in config_problems(config, check_files=False)
+    )

@@ -1,0 +1,106 @@
+"""The Trainer's metrics: the DESIGN.md keys every log_interval steps through a
+MetricsLogger, and wandb offline into a temporary directory."""
+
+from __future__ import annotations
+
+import math
+import socket
+from collections.abc import Iterator
+
+import pytest
+
+from megatron_longalign.training.metrics import LOSS_BY_LEN_PREFIX, METRIC_KEYS
+from megatron_longalign.training.trainer import Trainer
+from tests.training.workers.common import tiny_training_config
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _distributed_teardown() -> Iterator[None]:
+    yield
+    from megatron_longalign.parallel.distributed import destroy_distributed
+
+    destroy_distributed()
+
+
+class Recorder:
+    run_id = None
+
+    def __init__(self) -> None:
+        self.logged: list[tuple[int, dict]] = []
+
+    def log(self, step, metrics, force=False) -> bool:
+        self.logged.append((step, dict(metrics)))
+        return True
+
+    def close(self) -> None:
+        pass
+
+
+def test_metrics_are_logged_every_interval_with_the_stable_keys(sample_prefixes):
+    config = tiny_training_config(sample_prefixes, max_steps=5)
+    config.logging.log_interval = 2
+    recorder = Recorder()
+    trainer = Trainer(config, metrics_logger=recorder)
+    history = trainer.train()
+    assert [step for step, _ in recorder.logged] == [2, 4, 5]  # and the last step
+    expected = [k for k in METRIC_KEYS if k != "perf/mfu"]  # no known peak on CPU
+    for step, metrics in recorder.logged:
+        assert list(metrics)[: len(expected)] == expected
+        assert "perf/mfu" not in metrics
+        result = history[step - 1]
+        assert metrics["train/loss"] == result.loss
+        assert metrics["train/lr"] == result.lr
+        assert metrics["data/rank_imbalance"] == result.rank_imbalance
+        assert metrics["perf/tokens_per_sec"] > 0 and metrics["perf/tflops_per_gpu"] > 0
+        assert 0 < metrics["data/packing_efficiency"] <= 1
+        assert metrics["mem/peak_gb"] > 0 and metrics["perf/step_time_s"] > 0
+        buckets = {k: v for k, v in metrics.items() if k.startswith(LOSS_BY_LEN_PREFIX)}
+        assert buckets and all(math.isfinite(v) and v > 0 for v in buckets.values())
+    # The window of step 4 is steps 3 and 4: tokens/s is their real tokens / time.
+    window = history[2:4]
+    tokens = sum(r.real_tokens for r in window)
+    seconds = sum(r.step_time for r in window)
+    assert recorder.logged[1][1]["perf/tokens_per_sec"] == pytest.approx(tokens / seconds)
+    flops = sum(r.flops for r in window)
+    assert recorder.logged[1][1]["perf/tflops_per_gpu"] == pytest.approx(flops / seconds / 1e12)
+
+
+def test_console_line_with_wandb_disabled(sample_prefixes, caplog):
+    config = tiny_training_config(sample_prefixes, max_steps=2)
+    config.logging.wandb.mode = "disabled"
+    trainer = Trainer(config)
+    with caplog.at_level("INFO", logger="megatron_longalign.train"):
+        trainer.train()
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("step ")]
+    assert len(lines) == 2, lines
+    for part in ("loss ", "lr ", "grad ", "tok/s", "TFLOP/s/GPU", "MFU n/a", "fill ", "imb "):
+        assert part in lines[-1], lines[-1]
+
+
+def test_wandb_offline_writes_a_run_directory_without_network(
+    sample_prefixes, tmp_path, monkeypatch
+):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+
+    def no_network(*args, **kwargs):
+        raise AssertionError(f"network use: {args}")
+
+    monkeypatch.setattr(socket, "create_connection", no_network)
+    config = tiny_training_config(
+        sample_prefixes, max_steps=2, checkpoint_dir=str(tmp_path / "ckpt")
+    )
+    config.logging.wandb.mode = "auto"  # offline: no API key, WANDB_MODE=offline
+    config.logging.wandb.dir = str(tmp_path)
+    trainer = Trainer(config)
+    trainer.train()
+    runs = list((tmp_path / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1, list(tmp_path.rglob("*"))
+    run_id = trainer.wandb_run_id
+    assert run_id and runs[0].name.endswith(run_id)
+    assert list(runs[0].glob("*.wandb")), "no wandb history file"
+    from megatron_longalign.training.checkpoint import read_marker
+
+    assert read_marker(tmp_path / "ckpt" / "step_00000002")["extra"]["wandb_run_id"] == run_id
