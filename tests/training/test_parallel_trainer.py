@@ -1,7 +1,7 @@
 """The full Trainer on several layouts (torchrun, gloo, CPU) reproduces the single-rank
 run on the same global batches: DP=2 with the distributed optimizer in `sequence` and
 `token` loss modes with gradient accumulation (global batch 4, micro-batch 1), and TP=2
-and PP=2 (workers/train_run.py)."""
+and PP=2, and TP2xPP2 on 4 processes (workers/train_run.py)."""
 
 from __future__ import annotations
 
@@ -74,4 +74,14 @@ def test_model_parallel_trainer_matches_single_rank(tmp_path_factory, data_file,
         assert rank["dp_size"] == 1
         for mode in MODES:
             # Every rank (also the first pipeline stage) sees the job-wide loss.
+            assert_same_trajectory(rank[mode], single[mode])
+
+
+def test_tp2_pp2_on_four_processes_matches_single_rank(tmp_path_factory, data_file, dp1):
+    results = launch(tmp_path_factory, data_file, "tp2pp2", 4, "--tp", "2", "--pp", "2")
+    (single,) = dp1
+    assert len(results) == 4
+    for rank in results:
+        assert rank["dp_size"] == 1
+        for mode in MODES:
             assert_same_trajectory(rank[mode], single[mode])
