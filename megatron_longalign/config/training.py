@@ -142,15 +142,10 @@ SCHEMA_NAME = "longalign_schema"
 
 
 def schema_node():
-    """LongAlignConfig as an OmegaConf node. `SkipAlignConfig` is a frozen dataclass,
-    which OmegaConf turns into a read-only node that no YAML file or command-line
-    override could set; the flag is cleared here (the values still become a frozen
-    SkipAlignConfig in `to_config`)."""
+    """LongAlignConfig as an OmegaConf node."""
     from omegaconf import OmegaConf
 
-    node = OmegaConf.structured(LongAlignConfig)
-    OmegaConf.set_readonly(node.data.skipalign, False)
-    return node
+    return OmegaConf.structured(LongAlignConfig)
 
 
 def register_configs() -> None:

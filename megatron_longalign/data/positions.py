@@ -36,7 +36,7 @@ _CONTEXT = int(RegionKind.CONTEXT)
 _USER = int(RegionKind.USER)
 
 
-@dataclass(frozen=True)
+@dataclass
 class SkipAlignConfig:
     enabled: bool = False
     target_context_length: int = 65536
