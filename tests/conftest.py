@@ -24,6 +24,7 @@ def _reset_wandb_after_each_test():
     if "wandb" in sys.modules:
         sys.modules["wandb"].teardown()
 
+
 _WORDS = (  # noqa: SIM905 (a word list reads better as one string)
     "the secret code of amber gate is lives in city famous for weaving copper lanterns "
     "what where who record value key answer question document passage Tomas Verdane"

@@ -81,7 +81,7 @@ class _LaunchEnv:
     init_method: str
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
@@ -103,7 +103,7 @@ def _launch_env() -> _LaunchEnv:
             "launch with torchrun, or unset WORLD_SIZE for a single process"
         )
     addr = env.get("MASTER_ADDR", "127.0.0.1")
-    return _LaunchEnv(0, 1, local_rank, f"tcp://{addr}:{_free_port()}")
+    return _LaunchEnv(0, 1, local_rank, f"tcp://{addr}:{free_port()}")
 
 
 def _resolve_cpu(cpu: bool | None) -> bool:

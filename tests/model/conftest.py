@@ -6,7 +6,6 @@ these tests depend only on the model package and the CPU shim.
 
 from __future__ import annotations
 
-import socket
 import warnings
 from collections.abc import Iterator
 
@@ -14,14 +13,9 @@ import pytest
 import torch
 
 from megatron_longalign.model.config import ModelConfig
+from megatron_longalign.parallel.distributed import free_port
 
 SEED = 1234
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="package", autouse=True)
@@ -40,7 +34,7 @@ def megatron_cpu() -> Iterator[None]:
     created_pg = not torch.distributed.is_initialized()
     if created_pg:
         torch.distributed.init_process_group(
-            "gloo", world_size=1, rank=0, init_method=f"tcp://127.0.0.1:{_free_port()}"
+            "gloo", world_size=1, rank=0, init_method=f"tcp://127.0.0.1:{free_port()}"
         )
     created_mp = not parallel_state.model_parallel_is_initialized()
     if created_mp:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import socket
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +13,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from megatron_longalign.parallel.distributed import free_port
 from megatron_longalign.training.logger import LoggingConfig, MetricsLogger
 from megatron_longalign.training.metrics import LossByLength
 
@@ -49,16 +49,10 @@ def _worker(rank: int, port: int, out: str) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def test_loss_by_length_all_reduce_and_rank_zero_logging(tmp_path):
     # fork: the children reuse the imported torch instead of importing it again (CPU only).
     mp.start_processes(
-        _worker, args=(_free_port(), str(tmp_path)), nprocs=2, join=True, start_method="fork"
+        _worker, args=(free_port(), str(tmp_path)), nprocs=2, join=True, start_method="fork"
     )
     results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     expected = {
