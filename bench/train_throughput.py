@@ -81,17 +81,13 @@ class Profile:
     min_length: int  # shortest sample, after scaling the LongAlign mix down
 
 
-TINY_MODEL: dict[str, Any] = dict(  # conf/model/tiny.yaml
-    name="tiny",
-    num_layers=2,
-    hidden_size=64,
-    ffn_hidden_size=128,
-    num_attention_heads=4,
-    num_query_groups=2,
-    vocab_size=2048,
-    max_position_embeddings=65536,
-    rope_theta=10000.0,
-)
+def _tiny_model() -> dict[str, Any]:
+    """conf/model/tiny.yaml itself, so the CPU profile follows the shipped config."""
+    from omegaconf import OmegaConf
+
+    tiny = Path(__file__).resolve().parents[1] / "conf" / "model" / "tiny.yaml"
+    return dict(OmegaConf.to_container(OmegaConf.load(tiny)))
+
 
 # TinyLlama-1.1B's shape: a ~1B Llama-style model with GQA and a 32k vocabulary.
 LLAMA_1B: dict[str, Any] = dict(
@@ -109,7 +105,7 @@ LLAMA_1B: dict[str, Any] = dict(
 PROFILES: dict[str, Profile] = {
     "cpu-smoke": Profile(
         name="cpu-smoke",
-        model=TINY_MODEL,
+        model=_tiny_model(),
         seq_lengths=[256, 512],
         backends=["sdpa"],
         steps=3,
