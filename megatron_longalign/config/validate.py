@@ -85,12 +85,10 @@ def _parallel_problems(config: LongAlignConfig, world_size: int) -> list[str]:
     parallel, model = config.parallel, config.model
     problems = _caught(lambda: parallel.validate(world_size), "parallel config: ")
     pp = parallel.pipeline_model_parallel_size
-    if parallel.context_parallel_size > 1:
-        # The model supports CP (te backend), but micro-batches are not yet split into
-        # each rank's 2*CP chunks: training would silently see every token on every rank.
+    if parallel.context_parallel_size > 1 and model.attention_backend == "flash":
         problems.append(
-            f"parallel.context_parallel_size={parallel.context_parallel_size}: the trainer "
-            "does not partition micro-batches for context parallelism yet; set it to 1"
+            "model.attention_backend=flash has no context parallelism; use te (ring "
+            "attention, for GPUs), flex or sdpa (K/V all-gather), or context_parallel_size=1"
         )
     if isinstance(pp, int) and pp >= 1 and model.num_layers % pp:
         problems.append(
@@ -154,17 +152,18 @@ def _model_problems(config: LongAlignConfig, world_size: int) -> list[str]:
 
 
 def _pad_multiple_needed(config: LongAlignConfig) -> tuple[int, list[str]]:
-    """The token-count multiple every micro-batch needs: TP for sequence parallelism
-    (activations are split along the sequence), 2*CP for context parallelism (each
-    document in 2*CP chunks)."""
+    """The token-count multiple every micro-batch needs: 2*CP for context parallelism
+    (each document in 2*CP chunks), and TP x CP for sequence parallelism (each CP rank's
+    1 / CP share is split again over TP)."""
     parallel = config.parallel
+    tp, cp = parallel.tensor_model_parallel_size, parallel.context_parallel_size
     needs, why = 1, []
     if parallel.sequence_parallel:
-        needs = math.lcm(needs, parallel.tensor_model_parallel_size)
-        why.append(f"TP {parallel.tensor_model_parallel_size} for sequence parallelism")
-    if parallel.context_parallel_size > 1:
-        needs = math.lcm(needs, 2 * parallel.context_parallel_size)
-        why.append(f"2 x CP = {2 * parallel.context_parallel_size} for context parallelism")
+        needs = math.lcm(needs, tp * cp)
+        why.append(f"TP x CP = {tp * cp} for sequence parallelism")
+    if cp > 1:
+        needs = math.lcm(needs, 2 * cp)
+        why.append(f"2 x CP = {2 * cp} for context parallelism")
     return needs, why
 
 

@@ -112,8 +112,14 @@ class GlobalBatchPlanner:
         config: DataConfig,
         dp_size: int = 1,
         loss_reduction: str = "sequence",
+        document_multiple: int = 1,
     ) -> None:
         config.validate(dp_size)
+        if config.seq_length % document_multiple:
+            raise ValueError(
+                f"data.seq_length ({config.seq_length}) must be a multiple of the document "
+                f"padding multiple ({document_multiple}, 2 x context parallel size)"
+            )
         if loss_reduction not in LOSS_REDUCTIONS:
             raise ValueError(f"loss reduction {loss_reduction!r}; choose one of {LOSS_REDUCTIONS}")
         self.config = config
@@ -128,10 +134,13 @@ class GlobalBatchPlanner:
         self.micro_batches_per_rank = config.global_batch_size // (
             config.micro_batch_size * dp_size
         )
+        # Context parallelism pads every document to a multiple of 2 x CP: packs and
+        # costs count those padded lengths, so a pack never outgrows seq_length.
+        self.layout_lengths = -(-self.lengths // document_multiple) * document_multiple
         self.report = PlannerReport()
         self._usable = self._check_lengths()
         per_token = float(config.attention_equiv_length)
-        self._cost = self.lengths + self.lengths.astype(np.float64) ** 2 / per_token
+        self._cost = self.layout_lengths + self.layout_lengths.astype(np.float64) ** 2 / per_token
         self._epoch_units = lru_cache(maxsize=2)(self._build_epoch_units)
 
     def _check_lengths(self) -> np.ndarray:
@@ -161,7 +170,7 @@ class GlobalBatchPlanner:
         mode = self.config.batching
         if mode == "packed":
             packs = pack_samples(
-                self.lengths[pool], self.config.seq_length, self.config.packing.algorithm
+                self.layout_lengths[pool], self.config.seq_length, self.config.packing.algorithm
             )
             order = rng.permutation(packs.num_packs)
             members, unit_offsets = _reorder_csr(pool[packs.members], packs.offsets, order)

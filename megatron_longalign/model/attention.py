@@ -15,16 +15,31 @@ Query heads of group g are heads [g * r, (g + 1) * r) with r = heads / kv_heads,
 megatron's DotProductAttention (`repeat_interleave`). SDPA repeats KV heads per document;
 flex and flash take grouped KV natively with the same head mapping.
 
-Not supported here (use `te`): context parallelism, sliding windows, attention dropout,
-non-vanilla softmax. The constructors say so instead of computing something else.
+Document padding (`cu_seqlens_q_padded`, used by context parallelism): the padded
+layout is used as the documents. Pad tokens sit at the end of their document, so the
+real tokens' causal attention is unchanged, and pad outputs have zero loss weight.
+
+Context parallelism (`sdpa` and `flex`; `te` has its own): each CP rank holds chunks r
+and 2*CP-1-r of every padded document (data/context_parallel.py). Queries stay local;
+K and V are all-gathered over the CP group (an autograd all-gather whose backward
+reduce-scatters the K/V gradients back to their owners) and put back in global order;
+the document-causal mask compares global positions. Memory is O(T) for K/V per layer,
+which is fine for the CPU tests and for moderate lengths; `te` (ring attention) is the
+scalable path on GPUs.
+
+Not supported here (use `te`): sliding windows, attention dropout, non-vanilla softmax;
+`flash` has no context parallelism. The constructors say so instead of computing
+something else.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from megatron.core.packed_seq_params import PackedSeqParams
@@ -33,6 +48,7 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 from torch import Tensor
 
+from megatron_longalign.data.context_parallel import context_parallel_token_index
 from megatron_longalign.model.backends import import_flash_attn_varlen, import_flex_attention
 
 FLEX_BLOCK_SIZE = 128
@@ -78,45 +94,59 @@ def document_ids(cu_seqlens: Tensor, total: int | None = None) -> Tensor:
     return ids
 
 
-def document_causal_block_mask(cu_seqlens: Tensor, block_size: int = FLEX_BLOCK_SIZE) -> Any:
+def document_causal_block_mask(
+    cu_seqlens: Tensor, block_size: int = FLEX_BLOCK_SIZE, query_index: Tensor | None = None
+) -> Any:
     """flex_attention `BlockMask` for causal attention within documents, built from the
-    document boundaries in O((T / block)^2), without evaluating a T x T mask (which is
-    what `create_block_mask` does without compile: 4 G entries at 64k).
+    document boundaries in O(blocks_q x blocks_kv), without evaluating a Q x KV mask
+    (which is what `create_block_mask` does without compile: 4 G entries at 64k).
 
-    For query block i (tokens [i*B, min((i+1)*B, T))) and key block j:
-    - some pair attends iff j <= i and block j reaches the start of the document of the
-      block's first query (keys before that belong to earlier documents for every query);
-    - all pairs attend ("full", mask_mod skipped) iff j < i and block j starts at or after
-      the start of the document of the block's last query (then all of both blocks lie in
-      one document, and every key precedes every query).
+    Keys are all T = cu_seqlens[-1] tokens. Queries are all of them too, or, with
+    `query_index` (increasing global positions: a context-parallel rank's tokens), just
+    those. For query block i (queries q_first..q_last, positions increasing) and key
+    block j (keys [k0, k1)):
+    - some pair may attend iff k0 <= q_last and k1 > start of q_first's document;
+    - every pair attends ("full", mask_mod skipped) iff k1 - 1 <= q_first and k0 >= start
+      of q_last's document (every key is then at or before every query, and at or after
+      the start of its document).
     """
     flex = import_flex_attention()
     total = int(cu_seqlens[-1])
     device = cu_seqlens.device
-    num_blocks = -(-total // block_size)
+    if query_index is None:
+        query_index = torch.arange(total, device=device)
+    query_index = query_index.to(device=device, dtype=torch.long)
+    num_queries = query_index.numel()
+    q_blocks = -(-num_queries // block_size)
+    kv_blocks = -(-total // block_size)
     doc = document_ids(cu_seqlens)
     doc_start = cu_seqlens.long()[doc.long()]  # start token of each token's document
-    q_first = torch.arange(num_blocks, device=device) * block_size
-    q_last = torch.clamp(q_first + block_size, max=total) - 1
-    i = torch.arange(num_blocks, device=device)[:, None]
-    j = torch.arange(num_blocks, device=device)[None, :]
-    key_start = j * block_size
-    key_end = key_start + block_size  # exclusive; may pass T, which only matters for j == i
-    any_pair = (j <= i) & (key_end > doc_start[q_first][:, None])
-    full = (j < i) & (key_start >= doc_start[q_last][:, None])
+    block_first = torch.arange(q_blocks, device=device) * block_size
+    q_first = query_index[block_first]
+    q_last = query_index[torch.clamp(block_first + block_size, max=num_queries) - 1]
+    key_start = (torch.arange(kv_blocks, device=device) * block_size)[None, :]
+    key_end = key_start + block_size  # exclusive; may pass T
+    any_pair = (key_start <= q_last[:, None]) & (key_end > doc_start[q_first][:, None])
+    full = (key_end - 1 <= q_first[:, None]) & (key_start >= doc_start[q_last][:, None])
     partial = any_pair & ~full
 
-    padded_doc = document_ids(cu_seqlens, num_blocks * block_size)
+    # Padded to whole blocks; -1 / -2 so padding matches nothing.
+    query_pos = torch.full((q_blocks * block_size,), -1, dtype=torch.long, device=device)
+    query_pos[:num_queries] = query_index
+    query_doc = torch.full_like(query_pos, -1, dtype=torch.int32)
+    query_doc[:num_queries] = doc[query_index]
+    key_doc = torch.full((kv_blocks * block_size,), -2, dtype=torch.int32, device=device)
+    key_doc[:total] = doc
 
     def mask_mod(b, h, q_idx, kv_idx):
-        return (padded_doc[q_idx] == padded_doc[kv_idx]) & (q_idx >= kv_idx)
+        return (query_doc[q_idx] == key_doc[kv_idx]) & (query_pos[q_idx] >= kv_idx)
 
     return flex.BlockMask.from_kv_blocks(
         *_blocks_to_indices(partial),
         *_blocks_to_indices(full),
         BLOCK_SIZE=block_size,
         mask_mod=mask_mod,
-        seq_lengths=(total, total),
+        seq_lengths=(num_queries, total),
     )
 
 
@@ -129,6 +159,104 @@ def _blocks_to_indices(blocks: Tensor) -> tuple[Tensor, Tensor]:
     return counts[None, None], order.to(torch.int32)[None, None]
 
 
+@dataclass(frozen=True)
+class ContextParallelView:
+    """Where this CP rank's tokens sit in the whole micro-batch, computed once per
+    micro-batch from the layout (padded) document boundaries."""
+
+    layout: list[int]  # document boundaries of the whole (padded) micro-batch
+    local_bounds: list[int]  # the same boundaries in this rank's local tokens
+    query_index: Tensor  # [T_local] global position of each local token, increasing
+    gather_order: Tensor  # [T] for global position g, its row in the rank-ordered all-gather
+    last_query_position: list[int]  # per document: global position of its last local token
+
+    @classmethod
+    def build(
+        cls, layout_cu_seqlens: Tensor, cp_size: int, cp_rank: int, device: torch.device
+    ) -> ContextParallelView:
+        layout = layout_cu_seqlens.detach().cpu().numpy().astype(np.int64)
+        per_rank = [context_parallel_token_index(layout, cp_size, r) for r in range(cp_size)]
+        gathered_positions = np.concatenate(per_rank)
+        local_bounds = layout // cp_size
+        # Documents hold >= 2 * CP tokens, so every rank has >= 2 of each.
+        last = per_rank[cp_rank][np.maximum(local_bounds[1:] - 1, 0)]
+        return cls(
+            layout=layout.tolist(),
+            local_bounds=local_bounds.tolist(),
+            query_index=torch.as_tensor(per_rank[cp_rank], device=device),
+            gather_order=torch.as_tensor(np.argsort(gathered_positions), device=device),
+            last_query_position=last.tolist(),
+        )
+
+
+class _AllGatherFirstDim(torch.autograd.Function):
+    """All-gather along dim 0 in group-rank order; backward sums every rank's gradient
+    and returns this rank's rows (a reduce-scatter).
+
+    Not torch.distributed.nn.functional.all_gather: its gloo backward (an all-to-all
+    built from scatter calls) passes group ranks where global ranks are expected, so it
+    fails on any subgroup not starting at global rank 0, e.g. the CP groups of TP2xCP2.
+    """
+
+    @staticmethod
+    def forward(ctx, tensor: Tensor, group: Any) -> Tensor:
+        ctx.group = group
+        parts = [torch.empty_like(tensor) for _ in range(group.size())]
+        torch.distributed.all_gather(parts, tensor.contiguous(), group=group)
+        return torch.cat(parts, dim=0)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
+        group = ctx.group
+        rows = grad.size(0) // group.size()
+        grad = grad.contiguous()
+        if torch.distributed.get_backend(group) == "nccl":
+            out = grad.new_empty(rows, *grad.shape[1:])
+            torch.distributed.reduce_scatter_tensor(out, grad, group=group)
+            return out, None
+        # gloo has no reduce-scatter: all-reduce, keep this rank's rows.
+        torch.distributed.all_reduce(grad, group=group)
+        rank = group.rank()
+        return grad[rank * rows : (rank + 1) * rows].clone(), None
+
+
+def gather_context_parallel_kv(
+    k: Tensor, v: Tensor, group: Any, gather_order: Tensor
+) -> tuple[Tensor, Tensor]:
+    """All CP ranks' keys and values, [T, kv_heads, dim] each, in global token order.
+    The backward reduce-scatters the K/V gradients to their owners, so each rank's K/V
+    receive every rank's queries' contributions."""
+    if k.shape != v.shape:
+        raise NotImplementedError("context-parallel K/V gather needs equal K and V shapes")
+    kv = torch.cat([k, v], dim=-1)  # one collective for both
+    full = _AllGatherFirstDim.apply(kv, group).index_select(0, gather_order)
+    return full.split(k.size(-1), dim=-1)
+
+
+def sdpa_varlen_context_parallel(
+    q: Tensor, k: Tensor, v: Tensor, view: ContextParallelView, scale: float
+) -> Tensor:
+    """Document-causal attention of local queries q [T_local, H, D] over all keys and
+    values k/v [T, Hkv, D], one SDPA call per document: the document's local queries
+    (two chunks) against its keys up to the last local query, masked by global
+    position. Memory O(max L_i^2 / CP). Returns [T_local, H, D]."""
+    outputs = []
+    for doc in range(len(view.layout) - 1):
+        lo, hi = view.local_bounds[doc], view.local_bounds[doc + 1]
+        if hi == lo:
+            continue
+        start = view.layout[doc]
+        positions = view.query_index[lo:hi] - start  # within the document
+        num_keys = view.last_query_position[doc] - start + 1
+        allowed = torch.arange(num_keys, device=q.device)[None, :] <= positions[:, None]
+        qd = q[lo:hi].transpose(0, 1)
+        kd = repeat_kv(k[start : start + num_keys], q.size(1)).transpose(0, 1)
+        vd = repeat_kv(v[start : start + num_keys], q.size(1)).transpose(0, 1)
+        out = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=allowed, scale=scale)
+        outputs.append(out.transpose(0, 1))
+    return torch.cat(outputs, dim=0)
+
+
 # ---------------------------------------------------------------------------------------
 # megatron-core core-attention modules
 # ---------------------------------------------------------------------------------------
@@ -139,6 +267,7 @@ class _PackedCoreAttention(MegatronModule):
     THD/bshd dispatch. Subclasses implement `_attend(q, k, v, packed)` on THD tensors."""
 
     backend = ""
+    supports_context_parallel = True
 
     def __init__(
         self,
@@ -158,6 +287,8 @@ class _PackedCoreAttention(MegatronModule):
         head_dim = config.kv_channels
         self.softmax_scale = softmax_scale if softmax_scale is not None else 1 / math.sqrt(head_dim)
         self._reject_unsupported(config, attn_mask_type, attention_type, dropout)
+        self.cp_size = config.context_parallel_size
+        self.cp_group = _context_parallel_group(pg_collection) if self.cp_size > 1 else None
 
     def _reject_unsupported(
         self, config: TransformerConfig, mask_type: AttnMaskType, attention_type: str, dropout
@@ -167,8 +298,10 @@ class _PackedCoreAttention(MegatronModule):
             raise NotImplementedError(f"{name} supports self-attention only")
         if mask_type != AttnMaskType.causal:
             raise NotImplementedError(f"{name} supports the causal mask type only, not {mask_type}")
-        if config.context_parallel_size > 1:
-            raise NotImplementedError(f"{name} does not support context parallelism; use 'te'")
+        if config.context_parallel_size > 1 and not self.supports_context_parallel:
+            raise NotImplementedError(
+                f"{name} does not support context parallelism; use 'te', 'flex' or 'sdpa'"
+            )
         if dropout:
             raise NotImplementedError(f"{name} has no attention dropout; set it to 0")
         if config.window_size is not None:
@@ -189,11 +322,19 @@ class _PackedCoreAttention(MegatronModule):
         if attention_bias is not None:
             raise NotImplementedError(f"attention backend '{self.backend}' has no attention bias")
         if packed_seq_params is not None and packed_seq_params.qkv_format == "thd":
-            check_self_attention_thd(packed_seq_params, query.size(0))
-            out = self._attend(query, key, value, packed_seq_params)
+            check_self_attention_thd(packed_seq_params, query.size(0), self.cp_size)
+            if self.cp_size > 1:
+                out = self._attend_context_parallel(query, key, value, packed_seq_params)
+            else:
+                out = self._attend(query, key, value, packed_seq_params)
             return out.reshape(out.size(0), -1)
         if packed_seq_params is not None:
             raise NotImplementedError(f"qkv_format '{packed_seq_params.qkv_format}'")
+        if self.cp_size > 1:
+            raise NotImplementedError(
+                f"attention backend '{self.backend}' supports context parallelism for packed "
+                "(THD) micro-batches only"
+            )
         return self._forward_bshd(query, key, value)
 
     def _forward_bshd(self, query: Tensor, key: Tensor, value: Tensor) -> Tensor:
@@ -211,6 +352,25 @@ class _PackedCoreAttention(MegatronModule):
     def _attend(self, q: Tensor, k: Tensor, v: Tensor, packed: PackedSeqParams) -> Tensor:
         raise NotImplementedError
 
+    def _attend_context_parallel(
+        self, q: Tensor, k: Tensor, v: Tensor, packed: PackedSeqParams
+    ) -> Tensor:
+        """Local queries against the CP group's gathered keys and values."""
+        view = _cached(
+            packed,
+            "cp_view",
+            lambda: ContextParallelView.build(
+                layout_cu_seqlens(packed), self.cp_size, self.cp_group.rank(), q.device
+            ),
+        )
+        k_full, v_full = gather_context_parallel_kv(k, v, self.cp_group, view.gather_order)
+        return self._attend_gathered(q, k_full, v_full, view, packed)
+
+    def _attend_gathered(
+        self, q: Tensor, k: Tensor, v: Tensor, view: ContextParallelView, packed: PackedSeqParams
+    ) -> Tensor:
+        raise NotImplementedError
+
 
 class SDPACoreAttention(_PackedCoreAttention):
     """One `scaled_dot_product_attention(is_causal=True)` per document. Runs anywhere;
@@ -219,8 +379,13 @@ class SDPACoreAttention(_PackedCoreAttention):
     backend = "sdpa"
 
     def _attend(self, q: Tensor, k: Tensor, v: Tensor, packed: PackedSeqParams) -> Tensor:
-        bounds = _cached(packed, "bounds", lambda: packed.cu_seqlens_q.tolist())
+        bounds = _cached(packed, "bounds", lambda: layout_cu_seqlens(packed).tolist())
         return sdpa_varlen(q, k, v, bounds, self.softmax_scale)
+
+    def _attend_gathered(
+        self, q: Tensor, k: Tensor, v: Tensor, view: ContextParallelView, packed: PackedSeqParams
+    ) -> Tensor:
+        return sdpa_varlen_context_parallel(q, k, v, view, self.softmax_scale)
 
 
 class FlexCoreAttention(_PackedCoreAttention):
@@ -236,8 +401,23 @@ class FlexCoreAttention(_PackedCoreAttention):
 
     def _attend(self, q: Tensor, k: Tensor, v: Tensor, packed: PackedSeqParams) -> Tensor:
         block_mask = _cached(
-            packed, "flex_block_mask", lambda: document_causal_block_mask(packed.cu_seqlens_q)
+            packed, "flex_block_mask", lambda: document_causal_block_mask(layout_cu_seqlens(packed))
         )
+        return self._flex(q, k, v, block_mask)
+
+    def _attend_gathered(
+        self, q: Tensor, k: Tensor, v: Tensor, view: ContextParallelView, packed: PackedSeqParams
+    ) -> Tensor:
+        block_mask = _cached(
+            packed,
+            "cp_flex_block_mask",
+            lambda: document_causal_block_mask(
+                layout_cu_seqlens(packed).to(q.device), query_index=view.query_index
+            ),
+        )
+        return self._flex(q, k, v, block_mask)
+
+    def _flex(self, q: Tensor, k: Tensor, v: Tensor, block_mask: Any) -> Tensor:
         out = _flex_fn(q.is_cuda)(
             q.transpose(0, 1)[None],  # [1, H, T, D]
             k.transpose(0, 1)[None],
@@ -253,6 +433,7 @@ class FlashCoreAttention(_PackedCoreAttention):
     """flash-attn's `flash_attn_varlen_func(causal=True)` over cu_seqlens (CUDA, fp16/bf16)."""
 
     backend = "flash"
+    supports_context_parallel = False
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
@@ -260,12 +441,13 @@ class FlashCoreAttention(_PackedCoreAttention):
 
     def _attend(self, q: Tensor, k: Tensor, v: Tensor, packed: PackedSeqParams) -> Tensor:
         max_seqlen = int(packed.max_seqlen_q)
+        documents = layout_cu_seqlens(packed)
         return self._varlen(
             q,
             k,
             v,
-            cu_seqlens_q=packed.cu_seqlens_q,
-            cu_seqlens_k=packed.cu_seqlens_kv,
+            cu_seqlens_q=documents,
+            cu_seqlens_k=documents,
             max_seqlen_q=max_seqlen,
             max_seqlen_k=max_seqlen,
             dropout_p=0.0,
@@ -286,36 +468,73 @@ CORE_ATTENTION_MODULES: dict[str, type[_PackedCoreAttention]] = {
 # ---------------------------------------------------------------------------------------
 
 
-def packed_seq_params_from(cu_seqlens: Tensor, max_seqlen: int) -> PackedSeqParams:
-    """megatron's PackedSeqParams for self-attention over documents back to back."""
+def packed_seq_params_from(
+    cu_seqlens: Tensor, max_seqlen: int, cu_seqlens_padded: Tensor | None = None
+) -> PackedSeqParams:
+    """megatron's PackedSeqParams for self-attention over documents back to back.
+    With `cu_seqlens_padded` (context parallelism), `cu_seqlens` counts real lengths and
+    the padded boundaries give the token layout, as megatron-core and TE expect."""
     cu_seqlens = cu_seqlens.to(torch.int32)
+    if cu_seqlens_padded is not None:
+        cu_seqlens_padded = cu_seqlens_padded.to(torch.int32)
     return PackedSeqParams(
         qkv_format="thd",
         cu_seqlens_q=cu_seqlens,
         cu_seqlens_kv=cu_seqlens,
+        cu_seqlens_q_padded=cu_seqlens_padded,
+        cu_seqlens_kv_padded=cu_seqlens_padded,
         max_seqlen_q=int(max_seqlen),
         max_seqlen_kv=int(max_seqlen),
     )
 
 
-def check_self_attention_thd(packed: PackedSeqParams, num_tokens: int) -> None:
-    """The custom backends read cu_seqlens_q only: KV documents must be the same, with
-    no CP padding, and cover exactly the tokens given. Checked once per micro-batch."""
+def layout_cu_seqlens(packed: PackedSeqParams) -> Tensor:
+    """The documents as laid out in the tokens: the padded boundaries when given. Pad
+    tokens follow their document's real tokens, so attending within padded documents
+    leaves the real tokens' causal attention unchanged."""
+    padded = packed.cu_seqlens_q_padded
+    return packed.cu_seqlens_q if padded is None else padded
+
+
+def check_self_attention_thd(packed: PackedSeqParams, num_tokens: int, cp_size: int = 1) -> None:
+    """The custom backends are self-attention: KV documents must equal the query
+    documents, and the layout must cover exactly the tokens given (x CP, each rank
+    holding 1 / CP). Checked once per micro-batch."""
 
     def check() -> bool:
-        cu_q = packed.cu_seqlens_q
-        same = [packed.cu_seqlens_kv, packed.cu_seqlens_q_padded, packed.cu_seqlens_kv_padded]
-        for other in same:
-            if other is not None and other is not cu_q and not torch.equal(other, cu_q):
+        pairs = [
+            (packed.cu_seqlens_kv, packed.cu_seqlens_q),
+            (packed.cu_seqlens_kv_padded, packed.cu_seqlens_q_padded),
+        ]
+        for kv, q in pairs:
+            if kv is not None and kv is not q and (q is None or not torch.equal(kv, q)):
                 raise NotImplementedError(
-                    "cu_seqlens_kv / *_padded differing from cu_seqlens_q (cross-attention "
-                    "or context-parallel padding) need the 'te' backend"
+                    "cu_seqlens_kv differing from cu_seqlens_q (cross-attention) needs the "
+                    "'te' backend"
                 )
-        if int(cu_q[-1]) != num_tokens:
-            raise ValueError(f"cu_seqlens_q[-1] = {int(cu_q[-1])} but {num_tokens} tokens given")
+        layout = layout_cu_seqlens(packed)
+        if int(layout[-1]) != num_tokens * cp_size:
+            held = f"{num_tokens} tokens x CP {cp_size}" if cp_size > 1 else f"{num_tokens} tokens"
+            raise ValueError(f"the documents end at {int(layout[-1])} but {held} are given")
+        padded = packed.cu_seqlens_q_padded
+        if padded is not None:
+            real = packed.cu_seqlens_q
+            if padded.numel() != real.numel() or bool(
+                ((padded[1:] - padded[:-1]) < (real[1:] - real[:-1])).any()
+            ):
+                raise ValueError("cu_seqlens_q_padded must pad each document of cu_seqlens_q")
         return True
 
     _cached(packed, "checked", check)
+
+
+def _context_parallel_group(pg_collection: Any) -> Any:
+    group = getattr(pg_collection, "cp", None)
+    if group is None:
+        from megatron.core import parallel_state
+
+        group = parallel_state.get_context_parallel_group()
+    return group
 
 
 def _cached(packed: PackedSeqParams, key: str, build: Callable[[], Any]) -> Any:

@@ -256,15 +256,22 @@ def _check_transformer_config(config: TransformerConfig, backend: str) -> None:
 
 def model_inputs(microbatch: Any, device: torch.device | str = "cpu") -> dict[str, Any]:
     """Model keyword arguments for a data-pipeline MicroBatch (numpy THD arrays):
-    input_ids/position_ids/labels as [1, T] int64, and packed_seq_params."""
+    input_ids/position_ids/labels as [1, T] int64 (this CP rank's tokens when sharded),
+    and packed_seq_params (the whole micro-batch's document boundaries)."""
 
     def row(array) -> Tensor:
         return torch.as_tensor(array, dtype=torch.int64, device=device)[None]
 
-    cu_seqlens = torch.as_tensor(microbatch.cu_seqlens, dtype=torch.int32, device=device)
+    def int32(array) -> Tensor | None:
+        return None if array is None else torch.as_tensor(array, dtype=torch.int32, device=device)
+
     return {
         "input_ids": row(microbatch.tokens),
         "position_ids": row(microbatch.position_ids),
         "labels": row(microbatch.labels),
-        "packed_seq_params": packed_seq_params_from(cu_seqlens, microbatch.max_seqlen),
+        "packed_seq_params": packed_seq_params_from(
+            int32(microbatch.cu_seqlens),
+            microbatch.max_seqlen,
+            cu_seqlens_padded=int32(microbatch.cu_seqlens_padded),
+        ),
     }

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 
 import torch
 
+CP_COMM_TYPES = ("p2p", "a2a", "all_gather", "a2a+p2p")
+
 
 @dataclass
 class ParallelConfig:
@@ -29,6 +31,11 @@ class ParallelConfig:
     context_parallel_size: int = 1
     sequence_parallel: bool = False
     use_distributed_optimizer: bool = True
+    # Transformer Engine's CP attention exchange (te backend only; flex and sdpa all-gather
+    # K/V): p2p (ring, overlaps compute), all_gather, a2a (Ulysses-style, needs heads
+    # divisible by CP), a2a+p2p (hierarchical; megatron also wants
+    # hierarchical_context_parallel_sizes, not exposed here).
+    cp_comm_type: str = "p2p"
 
     @property
     def ranks_per_replica(self) -> int:
@@ -59,6 +66,10 @@ class ParallelConfig:
                 f"({self.pipeline_model_parallel_size}) * context_parallel_size "
                 f"({self.context_parallel_size}) = {self.ranks_per_replica}; change the "
                 f"parallel sizes or launch a multiple of {self.ranks_per_replica} processes"
+            )
+        if self.cp_comm_type not in CP_COMM_TYPES:
+            raise ValueError(
+                f"parallel.cp_comm_type={self.cp_comm_type!r}; choose one of {CP_COMM_TYPES}"
             )
         if self.sequence_parallel and self.tensor_model_parallel_size == 1:
             raise ValueError(
@@ -235,3 +246,10 @@ def is_last_pipeline_stage() -> bool:
     from megatron.core import parallel_state
 
     return parallel_state.is_pipeline_last_stage()
+
+
+def context_parallel_rank() -> int:
+    """Rank in the context-parallel group (which share of each document this rank holds)."""
+    from megatron.core import parallel_state
+
+    return parallel_state.get_context_parallel_rank()

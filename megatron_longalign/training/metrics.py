@@ -375,7 +375,8 @@ class LossByLength:
     A document's loss is the plain mean of its token losses where `loss_weights > 0`
     (documents with no target, such as pad documents, are skipped). Sums stay on the
     losses' device, so `add` never waits for the GPU; `means()` reads them back.
-    Expects whole documents: under context parallelism give it the gathered losses."""
+    Under context parallelism each rank holds part of every document: `add` then takes
+    the CP group and sums the per-document parts over it before taking means."""
 
     def __init__(self, edges: Sequence[int] = HISTOGRAM_EDGES) -> None:
         self.edges = np.asarray(edges, dtype=np.int64)
@@ -390,10 +391,14 @@ class LossByLength:
         """Bucket index of each length (same rule as the preprocessing histogram)."""
         return np.searchsorted(self.edges, _as_numpy_int(lengths), side="right") - 1
 
-    def add(self, token_losses, loss_weights, cu_seqlens, document_lengths=None) -> None:
+    def add(
+        self, token_losses, loss_weights, cu_seqlens, document_lengths=None, cp_group=None
+    ) -> None:
         """One micro-batch (THD): token losses and weights (T,), cu_seqlens (D + 1,).
         `document_lengths` (real lengths of the first documents) buckets by real length
-        when naive padding makes the spans longer; otherwise spans are used."""
+        when naive padding makes the spans longer; otherwise spans are used. With
+        `cp_group` the arrays are this rank's shares (cu_seqlens in local tokens), and
+        the call is collective over the group."""
         losses = torch.as_tensor(token_losses).detach().reshape(-1).to(torch.float64)
         weights = torch.as_tensor(loss_weights, device=losses.device).reshape(-1)
         bounds = _as_numpy_int(cu_seqlens)
@@ -404,6 +409,10 @@ class LossByLength:
             real = _as_numpy_int(document_lengths)
             lengths[: real.size] = real
         sums, counts = self._per_document(losses, weights > 0, bounds)
+        if cp_group is not None:
+            both = torch.stack([sums, counts])
+            torch.distributed.all_reduce(both, group=cp_group)
+            sums, counts = both[0], both[1]
         has_target = counts > 0
         means = torch.where(has_target, sums / counts.clamp(min=1), torch.zeros_like(sums))
         buckets = torch.as_tensor(self.bucket_of(lengths), device=losses.device)
@@ -411,13 +420,19 @@ class LossByLength:
         self._sums.index_add_(0, buckets, means)
         self._counts.index_add_(0, buckets, has_target.to(torch.float64))
 
-    def add_microbatch(self, microbatch: MicroBatch, token_losses, sample_lengths=None) -> None:
-        """`add` for a MicroBatch; real lengths as in `document_lengths_from`."""
+    def add_microbatch(
+        self, microbatch: MicroBatch, token_losses, sample_lengths=None, cp_group=None
+    ) -> None:
+        """`add` for a MicroBatch (a CP shard needs its `cp_group`); real lengths as in
+        `document_lengths_from`."""
+        if microbatch.cp_size > 1 and cp_group is None:
+            raise ValueError("a context-parallel shard needs cp_group to sum documents over")
         self.add(
             token_losses,
             microbatch.loss_weights,
-            microbatch.cu_seqlens,
+            microbatch.local_document_bounds,
             document_lengths_from(microbatch, sample_lengths),
+            cp_group=cp_group if microbatch.cp_size > 1 else None,
         )
 
     @staticmethod

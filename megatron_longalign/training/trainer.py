@@ -47,10 +47,12 @@ import torch
 
 from megatron_longalign.config.training import LongAlignConfig
 from megatron_longalign.config.validate import validate_config
+from megatron_longalign.data.context_parallel import shard_for_context_parallel
 from megatron_longalign.data.microbatch import MicroBatch, MicroBatchBuilder
 from megatron_longalign.data.mixture import DatasetMixture
 from megatron_longalign.data.planner import GlobalBatch, GlobalBatchPlanner, PlanPosition
 from megatron_longalign.parallel.distributed import (
+    context_parallel_rank,
     data_parallel_rank,
     data_parallel_size,
     initialize_distributed,
@@ -118,10 +120,19 @@ class TrainData:
     planner: GlobalBatchPlanner
     builder: MicroBatchBuilder
     dp_rank: int
+    cp_size: int = 1
+    cp_rank: int = 0
 
     def micro_batches(self, batch: GlobalBatch) -> list[MicroBatch]:
+        """This rank's micro-batches: its DP rank's plans, built whole (cheap) and cut to
+        its context-parallel share."""
         plans = batch.micro_batches[self.dp_rank]
-        return [self.builder.build(plan, batch.epoch) for plan in plans]
+        return [
+            shard_for_context_parallel(
+                self.builder.build(plan, batch.epoch), self.cp_size, self.cp_rank
+            )
+            for plan in plans
+        ]
 
 
 @dataclass
@@ -173,6 +184,9 @@ def build_transformer_config(config: LongAlignConfig, dtype: torch.dtype, cpu: b
     )
     if recompute.granularity == "selective":
         overrides["recompute_modules"] = list(recompute.modules)
+    if parallel.context_parallel_size > 1:
+        # Read by TE's attention only; flex and sdpa always all-gather K/V.
+        overrides["cp_comm_type"] = parallel.cp_comm_type
     if overrides["variable_seq_lengths"]:
         # megatron rejects variable lengths with its default MoE dispatcher ("allgather")
         # even when the model has no experts.
@@ -272,7 +286,10 @@ def build_optimizer(config: LongAlignConfig, model: list[torch.nn.Module], dtype
     return get_megatron_optimizer(optimizer_config, model)
 
 
-def build_data(config: LongAlignConfig, dp_rank: int, dp_size: int) -> TrainData:
+def build_data(config: LongAlignConfig, dp_rank: int, dp_size: int, cp_rank: int = 0) -> TrainData:
+    cp_size = config.parallel.context_parallel_size
+    # Context parallelism: every document padded to a multiple of 2 x CP (TE's layout).
+    document_multiple = 2 * cp_size if cp_size > 1 else 1
     mixture = DatasetMixture(config.data.sources)
     planner = GlobalBatchPlanner(
         mixture.lengths,
@@ -282,6 +299,7 @@ def build_data(config: LongAlignConfig, dp_rank: int, dp_size: int) -> TrainData
         config.data,
         dp_size=dp_size,
         loss_reduction=config.train.loss_reduction,
+        document_multiple=document_multiple,
     )
     builder = MicroBatchBuilder(
         mixture.__getitem__,
@@ -290,8 +308,9 @@ def build_data(config: LongAlignConfig, dp_rank: int, dp_size: int) -> TrainData
         pad_token_id=0,
         skipalign=config.data.skipalign,
         seed=config.data.seed,
+        document_multiple=document_multiple,
     )
-    return TrainData(mixture, planner, builder, dp_rank)
+    return TrainData(mixture, planner, builder, dp_rank, cp_size, cp_rank)
 
 
 def _chained(optimizer: Any) -> list[Any]:
@@ -343,7 +362,9 @@ class Trainer:
         )
         self.dtype = resolve_precision(config.train.precision)
         self.is_rank0 = torch.distributed.get_rank() == 0
-        self.data = build_data(config, data_parallel_rank(), data_parallel_size())
+        self.data = build_data(
+            config, data_parallel_rank(), data_parallel_size(), context_parallel_rank()
+        )
         self.total_steps = self._total_steps()
         self.transformer_config = build_transformer_config(config, self.dtype, self.cpu)
         self.model = build_model(config, self.transformer_config, self.device, init_weights)
@@ -648,8 +669,14 @@ class Trainer:
     def _loss_func(self, micro_batch: MicroBatch, weights: torch.Tensor, token_nll):
         """`loss_func`, and the per-token losses into this step's loss-by-length buckets
         (merged into the logging window unless the step is skipped)."""
+        from megatron.core import parallel_state
+
+        cp_group = parallel_state.get_context_parallel_group() if micro_batch.cp_size > 1 else None
         self._step_loss_by_length.add_microbatch(
-            micro_batch, token_nll.detach(), sample_lengths=self.data.planner.lengths
+            micro_batch,
+            token_nll.detach(),
+            sample_lengths=self.data.planner.lengths,
+            cp_group=cp_group,
         )
         return loss_func(weights, token_nll)
 

@@ -125,7 +125,7 @@ def test_sdpa_module_rejects_what_it_cannot_do():
         SDPACoreAttention(config=config, layer_number=1, attn_mask_type=AttnMaskType.causal)
     module = _module(SDPACoreAttention)
     q, k, v = _qkv(5, 4, 2, dim=16)
-    with pytest.raises(ValueError, match="cu_seqlens_q"):
+    with pytest.raises(ValueError, match="documents end at 4 but 5 tokens"):
         module(q, k, v, None, packed_seq_params=packed_seq_params_from(_cu([2, 2]), 2))
 
 

@@ -53,17 +53,26 @@ def test_global_batch_divisible_by_micro_batch_times_dp(config):
 
 
 def test_pad_multiple_must_suit_sequence_and_context_parallelism(config):
-    config.parallel.tensor_model_parallel_size = 2
+    config.parallel.tensor_model_parallel_size = 4
     config.parallel.sequence_parallel = True
     config.parallel.context_parallel_size = 2
+    config.model.num_attention_heads = config.model.num_query_groups = 4
     config.data.pad_to_multiple_of = 3
     config.data.seq_length = 1026  # keep DataConfig's own seq_length % pad check quiet
-    message = problem_about(config, "data.pad_to_multiple_of=3", world_size=4)
-    # lcm(TP 2, 2 x CP 4) = 4, and lcm(3, 4) = 12 is the suggestion.
-    assert "multiple of 4" in message and "set data.pad_to_multiple_of=12" in message
+    message = problem_about(config, "data.pad_to_multiple_of=3", world_size=8)
+    # Each CP rank's 1/2 share is split over TP 4 by sequence parallelism: lcm(TP x CP 8,
+    # 2 x CP 4) = 8 (not lcm(TP, 2 x CP) = 4), and lcm(3, 8) = 24 is the suggestion.
+    assert "multiple of 8" in message and "set data.pad_to_multiple_of=24" in message
     # The same layout also names what else it needs.
-    problem_about(config, "parallel.sequence_parallel", "model.attention_backend", world_size=4)
-    problem_about(config, "parallel.context_parallel_size", world_size=4)
+    problem_about(config, "parallel.sequence_parallel", "model.attention_backend", world_size=8)
+
+
+def test_context_parallelism_is_accepted_except_with_flash(config):
+    config.parallel.context_parallel_size = 2
+    config.data.pad_to_multiple_of = 4
+    assert not [p for p in config_problems(config, 2) if "context" in p]
+    config.model.attention_backend = "flash"
+    problem_about(config, "model.attention_backend=flash has no context parallelism", world_size=2)
 
 
 def test_missing_data_files_name_the_source(config, tmp_path):

@@ -1,0 +1,100 @@
+"""Context parallelism (CP) reproduces CP = 1 on packed micro-batches (torchrun, gloo, CPU).
+
+Every layout runs workers/context_parallel.py: three packed micro-batches through
+megatron's schedule with the trainer's loss path, in `token` and `sequence` modes. The
+batches hold a document shorter than 2 * CP, odd lengths, a micro-batch whose single
+target lands on CP rank 0 (rank 1 holds no target at all), and SkipAlign positions.
+The CP = 1 run uses unpadded documents, so it also checks that CP's padding changes
+nothing. Attention is `sdpa` with the K/V all-gather; `te` is covered on GPUs
+(tests/model/test_te_context_parallel.py).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.parallel.launch import run_and_read
+from tests.parallel.test_model_parallel import assert_tensors_close, merged
+
+pytestmark = pytest.mark.slow
+
+MODES = ("token", "sequence")
+LAYOUTS = {  # name: (nproc, args)
+    "cp2": (2, ["--cp", "2"]),
+    "tp2cp2": (4, ["--tp", "2", "--cp", "2"]),
+    "pp2cp2": (4, ["--pp", "2", "--cp", "2"]),
+}
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> list[dict]:
+    return run_and_read("context_parallel.py", 1, tmp_path_factory.mktemp("cp1"), ["--cp", "1"])
+
+
+@pytest.fixture(scope="module", params=list(LAYOUTS))
+def layout(request, tmp_path_factory) -> tuple[str, list[dict]]:
+    nproc, args = LAYOUTS[request.param]
+    out = tmp_path_factory.mktemp(request.param)
+    return request.param, run_and_read("context_parallel.py", nproc, out, args)
+
+
+def _last_stage_tp0(results: list[dict]) -> list[dict]:
+    """One result per CP rank: the loss is computed on the last stage, TP ranks agree."""
+    chosen = [r for r in results if r["last_stage"] and r["tp_rank"] == 0]
+    return sorted(chosen, key=lambda r: r["cp_rank"])
+
+
+def _mode(results: list[dict], mode: str) -> list[dict]:
+    return [{**r[mode], **{k: r[k] for k in ("last_stage", "tp_rank")}} for r in results]
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_losses_and_gradients_equal_cp1(layout, reference, mode):
+    name, results = layout
+    ranks = _last_stage_tp0(results)
+    assert len(ranks) == 2, f"{name}: expected 2 CP ranks on the last stage"
+    (expected,) = [r[mode] for r in reference]
+    # Micro-batch objective: the CP ranks' shares add up to the CP = 1 loss.
+    per_rank = torch.tensor([r[mode]["losses"] for r in ranks], dtype=torch.float64)
+    torch.testing.assert_close(
+        per_rank.sum(0), torch.tensor(expected["losses"], dtype=torch.float64), rtol=0, atol=2e-6
+    )
+    # Per document (summed over CP inside the worker): weighted loss and nll sums.
+    for rank in ranks:
+        assert len(rank[mode]["documents"]) == len(expected["documents"]) == 3
+        for actual_docs, expected_docs in zip(
+            rank[mode]["documents"], expected["documents"], strict=True
+        ):
+            torch.testing.assert_close(
+                torch.tensor(actual_docs), torch.tensor(expected_docs), rtol=1e-5, atol=1e-5
+            )
+    targets = torch.tensor([r[mode]["targets"] for r in ranks]).sum(0)
+    assert targets.tolist() == expected["targets"]
+    # Gradients of the whole objective, gathered to full shapes over TP and stages.
+    assert_tensors_close(merged(_mode(results, mode), "grads"), merged([expected], "grads"))
+    assert all(r[mode]["grads_finite"] for r in results)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_cp_rank_without_targets_contributes_zero_not_nan(layout, mode):
+    _, results = layout
+    ranks = _last_stage_tp0(results)
+    # Micro-batch 1 is the 2-token document: its only target is on CP rank 0.
+    assert ranks[0][mode]["targets"][1] == 1.0
+    assert ranks[1][mode]["targets"][1] == 0.0
+    assert ranks[1][mode]["losses"][1] == 0.0 and ranks[1][mode]["nll_sums"][1] == 0.0
+
+
+def test_data_exercises_cp_edge_cases(layout, reference):
+    """Guards the claims in the module docstring about what the batches contain."""
+    _, results = layout
+    (expected,) = [r["token"] for r in reference]
+    # SkipAlign moved positions far beyond every document's length (<= 48 tokens).
+    assert min(expected["positions_max"]) > 100
+    # Each CP rank holds half of the padded tokens, and padding happened (odd lengths).
+    ranks = _last_stage_tp0(results)
+    held = torch.tensor([r["token"]["tokens_held"] for r in ranks])
+    assert (held[0] == held[1]).all()
+    assert (held.sum(0) >= torch.tensor(expected["tokens_held"])).all()
+    assert (held.sum(0) > torch.tensor(expected["tokens_held"])).any()

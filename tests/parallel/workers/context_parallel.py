@@ -1,0 +1,210 @@
+"""One training forward/backward of a tiny LongAlignGPTModel on packed micro-batches,
+on any (TP, PP, CP) layout, in `token` and `sequence` loss modes. Writes, per mode:
+per-document weighted loss and unweighted nll sums (summed over the CP group), the
+micro-batch losses and target counts of this rank, and the full gradient of the
+objective sum_t w_t * nll_t (TP and CP rank 0 of every stage).
+
+The data exercises what breaks CP with packing: a document shorter than 2 * CP tokens,
+odd lengths, a micro-batch whose only target lands on one CP rank (the others hold no
+target at all), and SkipAlign position ids (skips at region boundaries).
+
+The CP = 1 run of this same worker, with unpadded documents, is the reference.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from tiny_gpt import (
+    full_tensors,
+    parse_args,
+    set_deterministic_weights,
+    wrap_ddp,
+    write_rank_result,
+)
+
+from megatron_longalign.data.context_parallel import shard_for_context_parallel
+from megatron_longalign.data.indexed import SFTSample
+from megatron_longalign.data.microbatch import MicroBatchBuilder
+from megatron_longalign.data.planner import MicroBatchPlan
+from megatron_longalign.data.positions import SkipAlignConfig
+from megatron_longalign.data.weights import per_token_weights
+from megatron_longalign.model.config import ModelConfig
+from megatron_longalign.parallel.distributed import ParallelConfig, initialize_distributed
+from megatron_longalign.training.loss import NLL_SUM, NUM_TARGETS, loss_func
+
+TEMPLATE, USER, ASSISTANT, CONTEXT = 0, 2, 3, 4
+# (region kind, length) per sample; lengths chosen odd, and one sample (2 tokens) shorter
+# than 2 * CP for CP >= 2.
+SAMPLES = [
+    [(TEMPLATE, 1), (CONTEXT, 13), (USER, 4), (ASSISTANT, 9)],  # 27
+    [(TEMPLATE, 1), (USER, 1)],  # 2 tokens, no target
+    [(TEMPLATE, 1), (CONTEXT, 20), (USER, 3), (ASSISTANT, 7), (USER, 2), (ASSISTANT, 8)],  # 41
+    [(USER, 1), (ASSISTANT, 1)],  # 2 tokens, one target: on CP rank 0 only
+    [(TEMPLATE, 1), (USER, 5), (ASSISTANT, 3)],  # 9
+    [(CONTEXT, 30), (USER, 2), (ASSISTANT, 15)],  # 47
+]
+# Micro-batches of this rank (no DP here): the second holds only the 2-token document,
+# so CP ranks other than 0 get a micro-batch without any target token.
+PLANS = [[0, 1, 2], [3], [4, 5]]
+MODES = ("token", "sequence")
+
+
+def model_config() -> ModelConfig:
+    return ModelConfig(
+        name="cp-test",
+        num_layers=4,  # 2 per stage at PP 2
+        hidden_size=64,
+        ffn_hidden_size=128,
+        num_attention_heads=4,
+        num_query_groups=2,
+        vocab_size=512,
+        make_vocab_size_divisible_by=64,  # 512 at TP 1 and 2: the same softmax
+        max_position_embeddings=4096,
+        attention_backend="sdpa",
+    )
+
+
+def samples() -> list[SFTSample]:
+    rng = np.random.default_rng(3)
+    result = []
+    for spec in SAMPLES:
+        lengths = np.array([n for _, n in spec])
+        ends = np.cumsum(lengths)
+        regions = np.stack([ends - lengths, ends, [k for k, _ in spec]], axis=1).astype(np.int32)
+        result.append(SFTSample(rng.integers(1, 512, size=int(ends[-1])), regions))
+    return result
+
+
+def micro_batches(cp: int, mode: str):
+    """Whole micro-batches (documents padded to 2 * CP when CP > 1) and their weights
+    from the global batch (all plans)."""
+    data = samples()
+    counts = np.array([int(s.loss_mask[1:].sum()) for s in data])
+    weights = per_token_weights(counts, mode)
+    multiple = 2 * cp if cp > 1 else 1
+    builder = MicroBatchBuilder(
+        data.__getitem__,
+        pad_to_multiple_of=multiple,
+        document_multiple=multiple,
+        # Short samples with skips of up to 4096 - length: positions far past the lengths.
+        skipalign=SkipAlignConfig(enabled=True, target_context_length=4096),
+        seed=17,
+    )
+    return [builder.build(MicroBatchPlan(np.array(plan), weights[plan]), epoch=0) for plan in PLANS]
+
+
+def build(cp: int):
+    from megatron.core import parallel_state
+
+    from megatron_longalign.model import build_gpt_model
+
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    pp = parallel_state.get_pipeline_model_parallel_world_size()
+    overrides = dict(
+        tensor_model_parallel_size=tp,
+        pipeline_model_parallel_size=pp,
+        context_parallel_size=cp,
+        calculate_per_token_loss=True,
+        use_cpu_initialization=True,
+        params_dtype=torch.float32,
+        pipeline_dtype=torch.float32,
+        variable_seq_lengths=pp > 1,
+    )
+    if pp > 1:
+        overrides["moe_token_dispatcher_type"] = "alltoall"
+    config = model_config()
+    transformer_config = config.to_transformer_config(**overrides)
+    model = build_gpt_model(
+        config,
+        pre_process=parallel_state.is_pipeline_first_stage(),
+        post_process=parallel_state.is_pipeline_last_stage(),
+        transformer_config=transformer_config,
+    )
+    set_deterministic_weights(model, seed=7)
+    return wrap_ddp(model, transformer_config, use_distributed_optimizer=False, sum_gradients=True)
+
+
+def per_document_sums(mb, token_nll: torch.Tensor) -> torch.Tensor:
+    """[D, 2]: (sum w * nll, sum nll over targets) of each real document, summed over
+    the CP group (each rank holds a share of every document)."""
+    from megatron.core import parallel_state
+
+    nll = token_nll.detach().reshape(-1).double()
+    weights = torch.as_tensor(mb.loss_weights, dtype=torch.float64)
+    bounds = mb.local_document_bounds
+    sums = torch.zeros(mb.sample_ids.size, 2, dtype=torch.float64)
+    for doc in range(mb.sample_ids.size):
+        lo, hi = int(bounds[doc]), int(bounds[doc + 1])
+        sums[doc, 0] = (weights[lo:hi] * nll[lo:hi]).sum()
+        sums[doc, 1] = torch.where(weights[lo:hi] > 0, nll[lo:hi], 0.0).sum()
+    if mb.cp_size > 1:
+        torch.distributed.all_reduce(sums, group=parallel_state.get_context_parallel_group())
+    return sums
+
+
+def run_mode(model, cp: int, mode: str) -> dict:
+    from megatron.core import parallel_state
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    from megatron_longalign.model import model_inputs
+
+    cp_rank = parallel_state.get_context_parallel_rank()
+    batches = [shard_for_context_parallel(mb, cp, cp_rank) for mb in micro_batches(cp, mode)]
+    documents: list[list[list[float]]] = []
+
+    def forward_step(data_iterator, model_chunk):
+        mb = next(data_iterator)
+        output = model_chunk(**model_inputs(mb))
+        weights = torch.as_tensor(mb.loss_weights)
+
+        def loss(token_nll):
+            documents.append(per_document_sums(mb, token_nll).tolist())
+            return loss_func(weights, token_nll)
+
+        return output, loss
+
+    model.zero_grad_buffer()
+    reports = get_forward_backward_func()(
+        forward_step_func=forward_step,
+        data_iterator=iter(batches),
+        model=[model],
+        num_microbatches=len(batches),
+        seq_length=max(mb.num_tokens for mb in batches),
+        micro_batch_size=1,
+    )
+    grads = full_tensors(model.module, "main_grad")
+    result = {
+        "documents": documents,
+        "losses": [float(r["loss"]) for r in reports],
+        "targets": [float(r[NUM_TARGETS]) for r in reports],
+        "nll_sums": [float(r[NLL_SUM]) for r in reports],
+        "positions_max": [int(mb.position_ids.max()) for mb in batches],
+        "tokens_held": [mb.num_tokens for mb in batches],
+        "grads_finite": all(math.isfinite(float(g.abs().sum())) for g in grads.values()),
+    }
+    if parallel_state.get_tensor_model_parallel_rank() == 0 and cp_rank == 0:
+        result["grads"] = grads
+    return result
+
+
+def main() -> None:
+    args = parse_args({"cp": int})
+    parallel = ParallelConfig(
+        tensor_model_parallel_size=args.tp,
+        pipeline_model_parallel_size=args.pp,
+        context_parallel_size=args.cp,
+    )
+    initialize_distributed(parallel, seed=1234, cpu=True)
+    from megatron.core import parallel_state
+
+    model = build(args.cp)
+    result = {mode: run_mode(model, args.cp, mode) for mode in MODES}
+    result["cp_rank"] = parallel_state.get_context_parallel_rank()
+    write_rank_result(args.out, result)
+
+
+if __name__ == "__main__":
+    main()
