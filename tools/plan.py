@@ -1,0 +1,174 @@
+"""Plan a training layout: per-GPU memory and TP/PP/CP/DP layouts ranked by estimated
+step time (megatron_longalign/planning; formulas and measured error in docs/PLANNING.md).
+
+    python tools/plan.py --model conf/model/llama3_8b.yaml --seq-length 65536 \\
+        --gpus 8 --gpu-memory-gb 80
+    python tools/plan.py --model llama2_7b --seq-length 32768 --gpus 16 --nodes 2 --json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+try:
+    from megatron_longalign.planning import layouts, memory
+except ImportError:  # a plain checkout without `pip install -e .`
+    sys.path.insert(0, str(REPO))
+    from megatron_longalign.planning import layouts, memory
+
+Cluster, NoLayoutFits, Plan, recommend = (
+    layouts.Cluster,
+    layouts.NoLayoutFits,
+    layouts.Plan,
+    layouts.recommend,
+)
+GB, PROFILES, Workload = memory.GB, memory.PROFILES, memory.Workload
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", required=True, help="model YAML, or a name in conf/model/")
+    p.add_argument("--seq-length", type=int, required=True, help="packed row length")
+    p.add_argument("--gpus", type=int, required=True, help="total GPU count")
+    p.add_argument("--gpu-memory-gb", type=float, default=80.0)
+    p.add_argument("--nodes", type=int, help="node count (sets --gpus-per-node = gpus/nodes)")
+    p.add_argument("--gpus-per-node", type=int, default=8, help="TP stays within a node")
+    p.add_argument("--global-batch-size", type=int, default=16, help="packed rows per step")
+    p.add_argument(
+        "--document-length",
+        type=int,
+        help="average document length in a pack (default: one document fills the row)",
+    )
+    p.add_argument("--accelerator", default="h100_sxm", help="a metrics.PEAK_FLOPS key")
+    p.add_argument("--mfu", type=float, default=0.4, help="assumed fraction of peak")
+    p.add_argument("--overhead-gb", type=float, help="fixed per-GPU overhead (default 4)")
+    p.add_argument(
+        "--headroom",
+        type=float,
+        default=0.1,
+        help="fraction of GPU memory kept free: a layout fits below (1 - headroom) x memory",
+    )
+    p.add_argument("--profile", choices=sorted(PROFILES), default="gpu-bf16")
+    p.add_argument(
+        "--no-distributed-optimizer", action="store_true", help="optimizer state unsharded"
+    )
+    p.add_argument("--top", type=int, default=15, help="rows to print (0: all)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    return p.parse_args(argv)
+
+
+def load_model(spec: str):
+    """ModelConfig from a YAML path or a conf/model/ name, type-checked by OmegaConf."""
+    from omegaconf import OmegaConf
+
+    from megatron_longalign.model.config import ModelConfig
+
+    path = Path(spec)
+    if not path.is_file():
+        named = REPO / "conf" / "model" / f"{spec}.yaml"
+        if not named.is_file():
+            names = sorted(p.stem for p in (REPO / "conf" / "model").glob("*.yaml"))
+            raise ValueError(f"model {spec!r}: no such file, nor a name in conf/model/ {names}")
+        path = named
+    merged = OmegaConf.merge(OmegaConf.structured(ModelConfig), OmegaConf.load(path))
+    return OmegaConf.to_object(merged)
+
+
+def plan_row(plan: Plan, recommended: bool) -> dict:
+    layout = plan.layout
+    return {
+        "tp": layout.tp,
+        "pp": layout.pp,
+        "cp": layout.cp,
+        "dp": layout.dp,
+        "sequence_parallel": layout.sequence_parallel,
+        "recompute": layout.recompute,
+        "memory_gb": plan.memory.as_gb(),
+        "fits": plan.fits,
+        "step_time_s": plan.step_time_s,
+        "time_parts_s": plan.time_parts,
+        "recommended": recommended,
+    }
+
+
+def format_table(rows: list[dict], memory_gb: float) -> str:
+    header = (
+        f"{'':2}{'TP':>3}{'PP':>4}{'CP':>4}{'DP':>4} {'SP':<3} {'recompute':<10}"
+        f"{'weights':>8}{'grads':>7}{'optim':>7}{'activ':>8}{'logits':>7}{'other':>7}"
+        f"{'total':>8}  {'fits':<4}{'step s':>9}"
+    )
+    lines = [header, "-" * len(header)]
+    for row in rows:
+        gb = row["memory_gb"]
+        lines.append(
+            f"{'*' if row['recommended'] else '':2}{row['tp']:>3}{row['pp']:>4}{row['cp']:>4}"
+            f"{row['dp']:>4} {'yes' if row['sequence_parallel'] else 'no':<3} "
+            f"{row['recompute']:<10}{gb['weights']:>8.1f}{gb['grads']:>7.1f}"
+            f"{gb['optimizer']:>7.1f}{gb['activations']:>8.1f}{gb['logits']:>7.1f}"
+            f"{gb['overhead']:>7.1f}{gb['total']:>8.1f}  {'yes' if row['fits'] else 'no':<4}"
+            f"{row['step_time_s']:>9.2f}"
+        )
+    lines.append(f"memory in GB (1e9 bytes) per GPU of {memory_gb:g} GB; * = recommended")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        model = load_model(args.model)
+        gpus_per_node = args.gpus_per_node
+        if args.nodes is not None:
+            if args.nodes < 1 or args.gpus % args.nodes:
+                raise ValueError(f"--gpus {args.gpus} is not divisible by --nodes {args.nodes}")
+            gpus_per_node = args.gpus // args.nodes
+        workload = Workload(args.seq_length, args.global_batch_size, args.document_length)
+        cluster = Cluster(
+            gpus=args.gpus,
+            gpu_memory_gb=args.gpu_memory_gb,
+            headroom=args.headroom,
+            gpus_per_node=gpus_per_node,
+            accelerator=args.accelerator,
+            mfu=args.mfu,
+        )
+        overhead = args.overhead_gb * GB if args.overhead_gb is not None else None
+        best, plans = recommend(
+            model,
+            workload,
+            cluster,
+            PROFILES[args.profile],
+            distributed_optimizer=not args.no_distributed_optimizer,
+            overhead_bytes=overhead,
+        )
+    except NoLayoutFits as err:
+        print(f"plan: {err}", file=sys.stderr)
+        return 1
+    except (ValueError, OSError) as err:
+        print(f"plan: error: {err}", file=sys.stderr)
+        return 2
+    rows = [plan_row(p, p is best) for p in plans]
+    shown = rows if args.top == 0 else rows[: args.top]
+    if args.json:
+        out = {
+            "model": model.name,
+            "seq_length": args.seq_length,
+            "gpus": args.gpus,
+            "gpu_memory_gb": args.gpu_memory_gb,
+            "recommended": rows[0],
+            "layouts": shown,
+        }
+        print(json.dumps(out, indent=1))
+    else:
+        print(
+            f"{model.name}: seq {args.seq_length}, global batch {args.global_batch_size} rows, "
+            f"{args.gpus} GPUs ({gpus_per_node}/node), {len(rows)} candidate layouts"
+        )
+        print(format_table(shown, args.gpu_memory_gb))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
