@@ -45,6 +45,10 @@ class DataConfig:
     # Pad every micro-batch to a multiple of this with a zero-weight pseudo-document
     # (sequence/context parallelism need it; 1 = no padding).
     pad_to_multiple_of: int = 1
+    # Pad every document to a multiple of this with zero-weight tokens after its end
+    # (layout only: positions and losses of real tokens are unchanged). Context
+    # parallelism raises it to a multiple of 2 x CP by itself; packs count padded lengths.
+    pad_documents_to_multiple_of: int = 1
     # Samples longer than seq_length: stop with an error (default), or drop and count them.
     on_overlength: str = "error"
     # Rank balancing cost of a document of L tokens: L + L^2 / attention_equiv_length, i.e.
@@ -73,8 +77,15 @@ class DataConfig:
             fail(f"data.on_overlength={self.on_overlength!r}; choose one of {OVERLENGTH_ACTIONS}")
         if self.seq_length < 2:
             fail("data.seq_length must be >= 2")
-        if self.micro_batch_size < 1 or self.pad_to_multiple_of < 1:
-            fail("data.micro_batch_size and data.pad_to_multiple_of must be >= 1")
+        if (
+            self.micro_batch_size < 1
+            or self.pad_to_multiple_of < 1
+            or self.pad_documents_to_multiple_of < 1
+        ):
+            fail(
+                "data.micro_batch_size, data.pad_to_multiple_of and "
+                "data.pad_documents_to_multiple_of must be >= 1"
+            )
         if self.global_batch_size % (self.micro_batch_size * dp_size):
             fail(
                 f"data.global_batch_size ({self.global_batch_size}) must be divisible by "

@@ -167,6 +167,13 @@ def _pad_multiple_needed(config: LongAlignConfig) -> tuple[int, list[str]]:
     return needs, why
 
 
+def document_multiple(config: LongAlignConfig) -> int:
+    """What every document is padded to a multiple of: data.pad_documents_to_multiple_of,
+    and 2 x CP for context parallelism (each document is cut into 2 x CP chunks)."""
+    cp = config.parallel.context_parallel_size
+    return math.lcm(config.data.pad_documents_to_multiple_of, 2 * cp if cp > 1 else 1)
+
+
 def _data_problems(config: LongAlignConfig, world_size: int) -> list[str]:
     data = config.data
     dp = _data_parallel_size(config, world_size)
@@ -178,6 +185,15 @@ def _data_problems(config: LongAlignConfig, world_size: int) -> list[str]:
             f"data.pad_to_multiple_of={pad} must be a multiple of {needs} ({' and '.join(why)}); "
             f"set data.pad_to_multiple_of={math.lcm(pad, needs)}"
         )
+    doc_multiple = document_multiple(config) if data.pad_documents_to_multiple_of >= 1 else 1
+    for name, value in (("pad_to_multiple_of", pad), ("seq_length", data.seq_length)):
+        if value >= 1 and value % doc_multiple:
+            problems.append(
+                f"data.{name}={value} must be a multiple of the document padding multiple "
+                f"{doc_multiple} (lcm of data.pad_documents_to_multiple_of and 2 x "
+                "context_parallel_size): the alignment pad is a document, and packs hold "
+                f"padded documents; set data.{name}={math.lcm(value, doc_multiple)}"
+            )
     if config.train.loss_reduction not in LOSS_REDUCTIONS:
         problems.append(
             f"train.loss_reduction={config.train.loss_reduction!r}; choose one of {LOSS_REDUCTIONS}"

@@ -46,7 +46,7 @@ from typing import Any
 import torch
 
 from megatron_longalign.config.training import LongAlignConfig
-from megatron_longalign.config.validate import validate_config
+from megatron_longalign.config.validate import document_multiple, validate_config
 from megatron_longalign.data.context_parallel import shard_for_context_parallel
 from megatron_longalign.data.microbatch import MicroBatch, MicroBatchBuilder
 from megatron_longalign.data.mixture import DatasetMixture
@@ -289,7 +289,7 @@ def build_optimizer(config: LongAlignConfig, model: list[torch.nn.Module], dtype
 def build_data(config: LongAlignConfig, dp_rank: int, dp_size: int, cp_rank: int = 0) -> TrainData:
     cp_size = config.parallel.context_parallel_size
     # Context parallelism: every document padded to a multiple of 2 x CP (TE's layout).
-    document_multiple = 2 * cp_size if cp_size > 1 else 1
+    doc_multiple = document_multiple(config)
     mixture = DatasetMixture(config.data.sources)
     planner = GlobalBatchPlanner(
         mixture.lengths,
@@ -299,7 +299,7 @@ def build_data(config: LongAlignConfig, dp_rank: int, dp_size: int, cp_rank: int
         config.data,
         dp_size=dp_size,
         loss_reduction=config.train.loss_reduction,
-        document_multiple=document_multiple,
+        document_multiple=doc_multiple,
     )
     builder = MicroBatchBuilder(
         mixture.__getitem__,
@@ -308,7 +308,7 @@ def build_data(config: LongAlignConfig, dp_rank: int, dp_size: int, cp_rank: int
         pad_token_id=0,
         skipalign=config.data.skipalign,
         seed=config.data.seed,
-        document_multiple=document_multiple,
+        document_multiple=doc_multiple,
     )
     return TrainData(mixture, planner, builder, dp_rank, cp_size, cp_rank)
 

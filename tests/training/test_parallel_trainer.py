@@ -1,7 +1,8 @@
 """The full Trainer on several layouts (torchrun, gloo, CPU) reproduces the single-rank
 run on the same global batches: DP=2 with the distributed optimizer in `sequence` and
 `token` loss modes with gradient accumulation (global batch 4, micro-batch 1), and TP=2
-and PP=2, and TP2xPP2 on 4 processes (workers/train_run.py)."""
+and PP=2, and TP2xPP2 on 4 processes, and context parallelism: CP=2 and DP2xCP2
+against the single rank with the same document padding (workers/train_run.py)."""
 
 from __future__ import annotations
 
@@ -85,3 +86,30 @@ def test_tp2_pp2_on_four_processes_matches_single_rank(tmp_path_factory, data_fi
         assert rank["dp_size"] == 1
         for mode in MODES:
             assert_same_trajectory(rank[mode], single[mode])
+
+
+@pytest.fixture(scope="module")
+def dp1_padded(tmp_path_factory, data_file):
+    """The single-rank run with documents padded to 4 as CP=2 pads them: the same packs
+    (the planner packs padded lengths). That padding itself changes no loss (tests/
+    parallel/test_context_parallel.py compares CP against unpadded documents)."""
+    return launch(tmp_path_factory, data_file, "dp1_pad4", 1, "--pad-documents", "4")
+
+
+@pytest.mark.parametrize("nproc", [2, 4], ids=["cp2", "dp2cp2"])
+def test_context_parallel_trainer_matches_single_rank(
+    tmp_path_factory, data_file, dp1_padded, nproc
+):
+    results = launch(tmp_path_factory, data_file, f"cp2_{nproc}", nproc, "--cp", "2")
+    (single,) = dp1_padded
+    assert len(results) == nproc
+    for rank in results:
+        assert rank["cp_size"] == 2 and rank["dp_size"] == nproc // 2
+        for mode in MODES:
+            assert_same_trajectory(rank[mode], single[mode])
+            assert rank[mode]["target_tokens"] == single[mode]["target_tokens"]
+            # Loss by length sums each document's shares over the CP group first.
+            got, want = rank[mode]["loss_by_len"], single[mode]["loss_by_len"]
+            assert got.keys() == want.keys() and want
+            for key in want:
+                assert got[key] == pytest.approx(want[key], rel=RTOL), key

@@ -2,7 +2,7 @@
 the per-step loss, token-mean loss, grad norm and lr for each loss reduction mode.
 
     torchrun --nproc-per-node N train_run.py --out DIR --data PREFIXES.json \
-        [--tp 2] [--pp 2] [--modes sequence,token] [--steps 4]
+        [--tp 2] [--pp 2] [--cp 2] [--pad-documents 4] [--modes sequence,token] [--steps 4]
 
 The weights come from tests/parallel's layout-independent initialisation (every tensor
 drawn at its full shape from a generator seeded by its global name), so runs on
@@ -31,6 +31,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--data", type=Path, required=True, help="JSON: name -> prefix")
     parser.add_argument("--tp", type=int, default=1)
     parser.add_argument("--pp", type=int, default=1)
+    parser.add_argument("--cp", type=int, default=1)
+    parser.add_argument(
+        "--pad-documents", type=int, default=1, help="data.pad_documents_to_multiple_of"
+    )
     parser.add_argument("--modes", default="sequence,token")
     parser.add_argument("--steps", type=int, default=4)
     return parser.parse_args()
@@ -55,6 +59,9 @@ def run(args: argparse.Namespace, prefixes: dict[str, str], mode: str) -> dict:
         tp=args.tp,
         pp=args.pp,
     )
+    config.parallel.context_parallel_size = args.cp
+    config.data.pad_documents_to_multiple_of = args.pad_documents
+    config.data.pad_to_multiple_of = max(args.pad_documents, 2 * args.cp if args.cp > 1 else 1)
     trainer = Trainer(config, init_weights=layout_independent_weights)
     history = trainer.train()
     return {
@@ -64,6 +71,12 @@ def run(args: argparse.Namespace, prefixes: dict[str, str], mode: str) -> dict:
         "lrs": [r.lr for r in history],
         "skipped": [r.skipped for r in history],
         "micro_batches": trainer.data.planner.micro_batches_per_rank,
+        # The last logged window (log_interval 1: the last step), all ranks reduced.
+        "loss_by_len": {
+            k: v for k, v in trainer.last_metrics.items() if k.startswith("loss_by_len/")
+        },
+        "real_tokens": [r.real_tokens for r in history],
+        "target_tokens": [r.target_tokens for r in history],
     }
 
 
@@ -79,6 +92,7 @@ def main() -> None:
         dp_size=parallel_state.get_data_parallel_world_size(),
         tp_size=parallel_state.get_tensor_model_parallel_world_size(),
         pp_size=parallel_state.get_pipeline_model_parallel_world_size(),
+        cp_size=parallel_state.get_context_parallel_world_size(),
     )
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"rank{result['rank']}.json").write_text(json.dumps(result))
