@@ -9,17 +9,24 @@ odd lengths, a micro-batch whose only target lands on one CP rank (the others ho
 target at all), and SkipAlign position ids (skips at region boundaries).
 
 The CP = 1 run of this same worker, with unpadded documents, is the reference.
+
+    torchrun --nproc-per-node N context_parallel.py --out DIR --cp 2 [--tp 2] [--pp 2]
+        [--backend sdpa|flex|te] [--forward-only]
+
+`sdpa` trains on CPU (gloo); `flex` has no CPU backward, so use --forward-only there;
+`te` runs on CUDA GPUs (NCCL) in bf16 with Transformer Engine's own CP attention.
 """
 
 from __future__ import annotations
 
+import argparse
 import math
+from pathlib import Path
 
 import numpy as np
 import torch
 from tiny_gpt import (
     full_tensors,
-    parse_args,
     set_deterministic_weights,
     wrap_ddp,
     write_rank_result,
@@ -52,7 +59,18 @@ PLANS = [[0, 1, 2], [3], [4, 5]]
 MODES = ("token", "sequence")
 
 
-def model_config() -> ModelConfig:
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", type=Path, required=True, help="directory for rank*.json")
+    parser.add_argument("--tp", type=int, default=1)
+    parser.add_argument("--pp", type=int, default=1)
+    parser.add_argument("--cp", type=int, required=True)
+    parser.add_argument("--backend", default="sdpa", choices=("sdpa", "flex", "te"))
+    parser.add_argument("--forward-only", action="store_true")
+    return parser.parse_args()
+
+
+def model_config(backend: str = "sdpa") -> ModelConfig:
     return ModelConfig(
         name="cp-test",
         num_layers=4,  # 2 per stage at PP 2
@@ -63,7 +81,7 @@ def model_config() -> ModelConfig:
         vocab_size=512,
         make_vocab_size_divisible_by=64,  # 512 at TP 1 and 2: the same softmax
         max_position_embeddings=4096,
-        attention_backend="sdpa",
+        attention_backend=backend,
     )
 
 
@@ -96,11 +114,13 @@ def micro_batches(cp: int, mode: str):
     return [builder.build(MicroBatchPlan(np.array(plan), weights[plan]), epoch=0) for plan in PLANS]
 
 
-def build(cp: int):
+def build(cp: int, backend: str, device: torch.device):
     from megatron.core import parallel_state
 
     from megatron_longalign.model import build_gpt_model
 
+    # TE's packed CP attention needs fp16/bf16; the CPU backends run fp32.
+    dtype = torch.bfloat16 if backend == "te" else torch.float32
     tp = parallel_state.get_tensor_model_parallel_world_size()
     pp = parallel_state.get_pipeline_model_parallel_world_size()
     overrides = dict(
@@ -109,13 +129,16 @@ def build(cp: int):
         context_parallel_size=cp,
         calculate_per_token_loss=True,
         use_cpu_initialization=True,
-        params_dtype=torch.float32,
-        pipeline_dtype=torch.float32,
+        params_dtype=dtype,
+        pipeline_dtype=dtype,
+        bf16=dtype == torch.bfloat16,
         variable_seq_lengths=pp > 1,
     )
+    if cp > 1:
+        overrides["cp_comm_type"] = "p2p"
     if pp > 1:
         overrides["moe_token_dispatcher_type"] = "alltoall"
-    config = model_config()
+    config = model_config(backend)
     transformer_config = config.to_transformer_config(**overrides)
     model = build_gpt_model(
         config,
@@ -124,6 +147,7 @@ def build(cp: int):
         transformer_config=transformer_config,
     )
     set_deterministic_weights(model, seed=7)
+    model = model.to(device)
     return wrap_ddp(model, transformer_config, use_distributed_optimizer=False, sum_gradients=True)
 
 
@@ -133,9 +157,9 @@ def per_document_sums(mb, token_nll: torch.Tensor) -> torch.Tensor:
     from megatron.core import parallel_state
 
     nll = token_nll.detach().reshape(-1).double()
-    weights = torch.as_tensor(mb.loss_weights, dtype=torch.float64)
+    weights = torch.as_tensor(mb.loss_weights, dtype=torch.float64, device=nll.device)
     bounds = mb.local_document_bounds
-    sums = torch.zeros(mb.sample_ids.size, 2, dtype=torch.float64)
+    sums = torch.zeros(mb.sample_ids.size, 2, dtype=torch.float64, device=nll.device)
     for doc in range(mb.sample_ids.size):
         lo, hi = int(bounds[doc]), int(bounds[doc + 1])
         sums[doc, 0] = (weights[lo:hi] * nll[lo:hi]).sum()
@@ -145,7 +169,7 @@ def per_document_sums(mb, token_nll: torch.Tensor) -> torch.Tensor:
     return sums
 
 
-def run_mode(model, cp: int, mode: str) -> dict:
+def run_mode(model, cp: int, mode: str, device: torch.device, forward_only: bool) -> dict:
     from megatron.core import parallel_state
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
@@ -157,8 +181,8 @@ def run_mode(model, cp: int, mode: str) -> dict:
 
     def forward_step(data_iterator, model_chunk):
         mb = next(data_iterator)
-        output = model_chunk(**model_inputs(mb))
-        weights = torch.as_tensor(mb.loss_weights)
+        output = model_chunk(**model_inputs(mb, device))
+        weights = torch.as_tensor(mb.loss_weights, device=device)
 
         def loss(token_nll):
             documents.append(per_document_sums(mb, token_nll).tolist())
@@ -167,15 +191,17 @@ def run_mode(model, cp: int, mode: str) -> dict:
         return output, loss
 
     model.zero_grad_buffer()
-    reports = get_forward_backward_func()(
-        forward_step_func=forward_step,
-        data_iterator=iter(batches),
-        model=[model],
-        num_microbatches=len(batches),
-        seq_length=max(mb.num_tokens for mb in batches),
-        micro_batch_size=1,
-    )
-    grads = full_tensors(model.module, "main_grad")
+    # forward_only does not stop autograd from recording (flex has no CPU backward).
+    with torch.set_grad_enabled(not forward_only):
+        reports = get_forward_backward_func()(
+            forward_step_func=forward_step,
+            data_iterator=iter(batches),
+            model=[model],
+            num_microbatches=len(batches),
+            seq_length=max(mb.num_tokens for mb in batches),
+            micro_batch_size=1,
+            forward_only=forward_only,
+        )
     result = {
         "documents": documents,
         "losses": [float(r["loss"]) for r in reports],
@@ -183,25 +209,30 @@ def run_mode(model, cp: int, mode: str) -> dict:
         "nll_sums": [float(r[NLL_SUM]) for r in reports],
         "positions_max": [int(mb.position_ids.max()) for mb in batches],
         "tokens_held": [mb.num_tokens for mb in batches],
-        "grads_finite": all(math.isfinite(float(g.abs().sum())) for g in grads.values()),
     }
+    if forward_only:
+        return result
+    grads = {k: g.float().cpu() for k, g in full_tensors(model.module, "main_grad").items()}
+    result["grads_finite"] = all(math.isfinite(float(g.abs().sum())) for g in grads.values())
     if parallel_state.get_tensor_model_parallel_rank() == 0 and cp_rank == 0:
         result["grads"] = grads
     return result
 
 
 def main() -> None:
-    args = parse_args({"cp": int})
+    args = parse_args()
     parallel = ParallelConfig(
         tensor_model_parallel_size=args.tp,
         pipeline_model_parallel_size=args.pp,
         context_parallel_size=args.cp,
     )
-    initialize_distributed(parallel, seed=1234, cpu=True)
+    on_gpu = args.backend == "te"
+    initialize_distributed(parallel, seed=1234, cpu=not on_gpu)
     from megatron.core import parallel_state
 
-    model = build(args.cp)
-    result = {mode: run_mode(model, args.cp, mode) for mode in MODES}
+    device = torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu")
+    model = build(args.cp, args.backend, device)
+    result = {mode: run_mode(model, args.cp, mode, device, args.forward_only) for mode in MODES}
     result["cp_rank"] = parallel_state.get_context_parallel_rank()
     write_rank_result(args.out, result)
 
