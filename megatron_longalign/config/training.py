@@ -96,6 +96,10 @@ class TrainConfig:
     # auto: continue from checkpoint_dir's `latest` if there is one | never | a path (a
     # step_<N> checkpoint directory, or a checkpoint root with a `latest` file).
     resume: str = "auto"
+    # Initial weights for a run that does not resume: a checkpoint directory or root
+    # (e.g. `tools/convert_hf.py import` output). Model weights only, any saved layout;
+    # optimizer, scheduler and data position start fresh. Ignored when resuming.
+    init_from: str | None = None
 
 
 WANDB_MODES = ("auto", "online", "offline", "disabled")

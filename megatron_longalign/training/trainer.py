@@ -452,7 +452,8 @@ class Trainer:
 
     def _resume(self) -> Path | None:
         """Restore model, optimizer, scheduler, RNG and data position if `train.resume`
-        finds a checkpoint. Collective (rank 0 decides, every rank loads)."""
+        finds a checkpoint; otherwise load `train.init_from`'s weights, if set.
+        Collective (rank 0 decides, every rank loads)."""
         holder: list[Any] = [None]
         if self.is_rank0:
             try:
@@ -465,6 +466,8 @@ class Trainer:
         if status == "error":
             raise CheckpointError(value)
         if value is None:
+            if self.config.train.init_from:
+                self._load_initial_weights(self.config.train.init_from)
             return None
         path = Path(value)
         manager = self.checkpoints or CheckpointManager(path.parent)
@@ -489,6 +492,25 @@ class Trainer:
                 saved.consumed_samples,
             )
         return path
+
+    def _load_initial_weights(self, source: str) -> None:
+        """Model weights from a checkpoint directory (or a root with `latest`) in any
+        layout; the optimizer's fp32 main copies are refreshed from them."""
+        path = Path(source)
+        if not (path / MARKER).is_file():
+            latest = CheckpointManager(path).latest() if (path / "latest").is_file() else None
+            if latest is None:
+                raise CheckpointError(
+                    f"train.init_from={source!r} is neither a complete checkpoint (no "
+                    f"{MARKER}) nor a checkpoint root with a `latest` file"
+                )
+            path = latest
+        CheckpointManager(path.parent).load(path, self.model, None, None)
+        # The (distributed) optimizer copied the weights into its main params when it was
+        # built; without this the first update would start from the random init.
+        self.optimizer.reload_model_params()
+        if self.is_rank0:
+            log.info("initial weights from %s (model only: optimizer and data start fresh)", path)
 
     def save_checkpoint(self) -> Path:
         """Save the current state to `train.checkpoint_dir`. Collective."""

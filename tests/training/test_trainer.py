@@ -198,3 +198,41 @@ def test_activation_recomputation_gives_the_same_step(sample_prefixes, recompute
     plain, recomputed = first_step(), first_step(**recompute)
     assert recomputed.loss == pytest.approx(plain.loss, rel=1e-6)
     assert recomputed.grad_norm == pytest.approx(plain.grad_norm, rel=1e-5)
+
+
+def test_init_from_loads_weights_and_refreshes_the_optimizer(sample_prefixes, tmp_path):
+    """train.init_from: weights only, and the optimizer's main params follow them (else
+    the first update would start from the random initialisation). bf16, as on GPUs: the
+    optimizer then keeps fp32 main copies (in fp32 they are views of the weights)."""
+    source = Trainer(
+        tiny_training_config(
+            sample_prefixes, max_steps=3, checkpoint_dir=str(tmp_path / "a"), precision="bf16"
+        )
+    )
+    source.train()
+    trained = params(source)
+    config = tiny_training_config(
+        sample_prefixes,
+        max_steps=1,
+        checkpoint_dir=str(tmp_path / "b"),
+        init_from=str(tmp_path / "a"),  # a root with `latest`
+        seed=99,  # a different random init, overwritten by the loaded weights
+        precision="bf16",
+    )
+    fresh = Trainer(config)
+    assert fresh.resumed_from is None and fresh.state.step == 0
+    assert same_params(params(fresh), trained)
+    fresh.train_step(next(fresh.batches()))
+    stepped = params(fresh)
+    # One Adam step moves every weight by about lr (3e-3 at most); stale main params
+    # would jump back to the random init, which differs by ~init std (0.02) or more.
+    moved = max((stepped[k] - trained[k]).float().abs().max().item() for k in trained)
+    assert 0 < moved < 0.01
+
+
+def test_init_from_rejects_a_path_without_checkpoint(sample_prefixes, tmp_path):
+    from megatron_longalign.training.checkpoint import CheckpointError
+
+    config = tiny_training_config(sample_prefixes, max_steps=1, init_from=str(tmp_path))
+    with pytest.raises(CheckpointError, match="train.init_from"):
+        Trainer(config)
