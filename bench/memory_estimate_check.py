@@ -130,36 +130,10 @@ def _write_dataset(prefix: str, case: Case, rows: int) -> None:
     eighth of each is the assistant answer (the loss path is the real one)."""
     import numpy as np
 
-    from megatron_longalign.data.indexed import FORMAT
-    from megatron_longalign.data.indexed_writer import IndexedSampleWriter
-    from megatron_longalign.data.templates import RegionKind
-    from megatron_longalign.utils.atomic_files import AtomicFileSet
+    from megatron_longalign.data.random_dataset import write_random_dataset
 
-    rng = np.random.default_rng(0)
-    files = AtomicFileSet()
-    writer = IndexedSampleWriter(prefix, case.vocab, files)
-    answer = max(1, case.doc // 8)
-    regions = np.array(
-        [
-            [0, case.doc - answer, RegionKind.USER],
-            [case.doc - answer, case.doc, RegionKind.ASSISTANT],
-        ],
-        dtype=np.int32,
-    )
-    for _ in range(rows * (case.seq // case.doc)):
-        writer.add(rng.integers(0, case.vocab, size=case.doc).astype(writer.token_dtype), regions)
-    writer.finalize()
-    files.commit()
-    metadata = {
-        "format": FORMAT,
-        "documents": writer.count,
-        "token_dtype": np.dtype(writer.token_dtype).name,
-        "region_dtype": "int32",
-        "region_kinds": {int(kind): kind.name.lower() for kind in RegionKind},
-        "tokenizer": {"kind": "random", "sha256": "random-token-ids", "vocab_size": case.vocab},
-        "template": {"name": "none", "format": "random token ids (memory_estimate_check)"},
-    }
-    Path(prefix + ".json").write_text(json.dumps(metadata))
+    lengths = np.full(rows * (case.seq // case.doc), case.doc)
+    write_random_dataset(prefix, lengths, case.vocab, seed=0, origin="memory_estimate_check")
 
 
 def _training_config(case: Case, prefix: str, steps: int):

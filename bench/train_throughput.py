@@ -153,40 +153,9 @@ def longalign_lengths(n: int, capacity: int, min_length: int, seed: int) -> np.n
 
 
 def write_random_dataset(prefix: str, lengths: np.ndarray, vocab_size: int, seed: int) -> None:
-    """A preprocessed dataset (the files tools/preprocess.py writes) with random token
-    ids: throughput needs exact lengths and any vocabulary, not real text."""
-    from megatron_longalign.data.indexed import FORMAT
-    from megatron_longalign.data.indexed_writer import IndexedSampleWriter
-    from megatron_longalign.data.templates import RegionKind
-    from megatron_longalign.utils.atomic_files import AtomicFileSet
+    from megatron_longalign.data.random_dataset import write_random_dataset as write
 
-    rng = np.random.default_rng(seed)
-    files = AtomicFileSet()
-    writer = IndexedSampleWriter(prefix, vocab_size, files)
-    for length in lengths.tolist():
-        tokens = rng.integers(0, vocab_size, size=length).astype(writer.token_dtype)
-        answer = max(1, length // 8)
-        regions = np.array(
-            [
-                [0, length - answer, RegionKind.USER],
-                [length - answer, length, RegionKind.ASSISTANT],
-            ],
-            dtype=np.int32,
-        )
-        writer.add(tokens, regions)
-    writer.finalize()
-    files.commit()
-    metadata = {
-        "format": FORMAT,
-        "documents": writer.count,
-        "token_dtype": np.dtype(writer.token_dtype).name,
-        "region_dtype": "int32",
-        "region_kinds": {int(kind): kind.name.lower() for kind in RegionKind},
-        # No real tokenizer: the mixture only compares hashes between sources.
-        "tokenizer": {"kind": "random", "sha256": "random-token-ids", "vocab_size": vocab_size},
-        "template": {"name": "none", "format": "random token ids (bench/train_throughput.py)"},
-    }
-    Path(prefix + ".json").write_text(json.dumps(metadata, indent=1))
+    write(prefix, lengths, vocab_size, seed, origin="bench/train_throughput.py")
 
 
 def samples_for(tokens: int, capacity: int, min_length: int) -> int:

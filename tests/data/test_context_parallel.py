@@ -16,6 +16,7 @@ from megatron_longalign.data.microbatch import MicroBatchBuilder
 from megatron_longalign.data.planner import MicroBatchPlan
 from megatron_longalign.data.positions import SkipAlignConfig
 from tests.data.test_microbatch import fake_samples
+from tests.fake_group import FakeGroup
 
 
 def _build(samples, cp, align=None, skip=False, naive=False):
@@ -43,23 +44,10 @@ def test_single_document_matches_megatrons_load_balanced_split(cp, monkeypatch):
     sequence = torch.arange(length)[None]
     for rank in range(cp):
         expected = get_batch_on_this_cp_rank(
-            {"tokens": sequence.clone()}, cp_group=_Group(cp, rank)
+            {"tokens": sequence.clone()}, cp_group=FakeGroup(cp, rank)
         )
         index = context_parallel_token_index(np.array([0, length]), cp, rank)
         np.testing.assert_array_equal(index, expected["tokens"][0].numpy())
-
-
-class _Group:
-    """Enough of a process group for megatron's get_pg_size / get_pg_rank."""
-
-    def __init__(self, size: int, rank: int) -> None:
-        self._size, self._rank = size, rank
-
-    def size(self) -> int:
-        return self._size
-
-    def rank(self) -> int:
-        return self._rank
 
 
 def test_matches_transformer_engine_partitioned_indices():

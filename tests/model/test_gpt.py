@@ -18,6 +18,7 @@ from megatron_longalign.model.gpt import (
     model_inputs,
     rope_freqs,
 )
+from tests.fake_group import FakeGroup
 from tests.model.conftest import build, doc_slices, pack, tiny_config
 
 pytestmark = pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
@@ -277,17 +278,6 @@ def test_model_with_rope_scaling_uses_scaled_frequencies():
     assert not torch.equal(reference.inv_freq, unscaled.inv_freq)
 
 
-class _FakeGroup:
-    def __init__(self, size: int, rank: int) -> None:
-        self._size, self._rank = size, rank
-
-    def size(self) -> int:
-        return self._size
-
-    def rank(self) -> int:
-        return self._rank
-
-
 @pytest.mark.parametrize("cp_size", [2, 4])
 def test_context_parallel_rope_table_gives_each_local_token_its_position(cp_size):
     """Under CP, megatron's THD RoPE reads this rank's chunks (r and 2*CP-1-r of every
@@ -312,7 +302,7 @@ def test_context_parallel_rope_table_gives_each_local_token_its_position(cp_size
         local_freqs = rope_freqs(inv_freq, local_positions)[:, None, None, :]
         table = _place_for_context_parallel(local_freqs, cu, cp_size, rank)
         t = torch.randn(len(local_idx), 2, 8)
-        got = _apply_rotary_pos_emb_thd(t, cu, table, cp_group=_FakeGroup(cp_size, rank))
+        got = _apply_rotary_pos_emb_thd(t, cu, table, cp_group=FakeGroup(cp_size, rank))
         expected = _apply_rotary_pos_emb_bshd(t[:, None], local_freqs)[:, 0]
         torch.testing.assert_close(got, expected, atol=1e-6, rtol=0)
 
