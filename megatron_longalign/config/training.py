@@ -37,6 +37,10 @@ class OptimConfig:
     # Linear warmup from lr_warmup_init to lr over lr_warmup_steps optimizer updates.
     lr_warmup_init: float = 0.0
     lr_warmup_steps: int = 0
+    # Or warmup as a fraction of the decay steps (Megatron's --lr-warmup-fraction):
+    # floor(lr_warmup_fraction x decay steps) updates, e.g. 0.03 for 3% of the run. null:
+    # use lr_warmup_steps; when set, lr_warmup_steps must be 0.
+    lr_warmup_fraction: float | None = None
     # After warmup: cosine | linear decay to min_lr at lr_decay_steps, or constant.
     lr_decay_style: str = "cosine"
     # Updates until min_lr is reached; None = the run's total steps.
@@ -100,6 +104,10 @@ class TrainConfig:
     # (e.g. `tools/convert_hf.py import` output). Model weights only, any saved layout;
     # optimizer, scheduler and data position start fresh. Ignored when resuming.
     init_from: str | None = None
+    # Preemption (training/preemption.py, docs/CLUSTER.md): on any of these signals the run
+    # finishes its current step, saves a checkpoint and exits with status 75 (requeue and
+    # resume). [] leaves the signals' default actions alone.
+    preemption_signals: list[str] = field(default_factory=lambda: ["SIGUSR1", "SIGTERM"])
 
 
 WANDB_MODES = ("auto", "online", "offline", "disabled")

@@ -26,6 +26,7 @@ from megatron_longalign.config.training import (
     WANDB_MODES,
     LongAlignConfig,
 )
+from megatron_longalign.training.preemption import signal_number
 
 # What tools/preprocess.py writes for an output prefix P.
 DATA_FILE_SUFFIXES = (".bin", ".idx", ".json", ".regions.bin", ".regions.idx")
@@ -164,6 +165,11 @@ def _pad_multiple_needed(config: LongAlignConfig) -> tuple[int, list[str]]:
     if cp > 1:
         needs = math.lcm(needs, 2 * cp)
         why.append(f"2 x CP = {2 * cp} for context parallelism")
+    doc_pad = config.data.pad_documents_to_multiple_of
+    if doc_pad > 1:
+        # The alignment pad is a document too, padded like the others.
+        needs = math.lcm(needs, doc_pad)
+        why.append(f"data.pad_documents_to_multiple_of={doc_pad}")
     return needs, why
 
 
@@ -186,14 +192,13 @@ def _data_problems(config: LongAlignConfig, world_size: int) -> list[str]:
             f"set data.pad_to_multiple_of={math.lcm(pad, needs)}"
         )
     doc_multiple = document_multiple(config) if data.pad_documents_to_multiple_of >= 1 else 1
-    for name, value in (("pad_to_multiple_of", pad), ("seq_length", data.seq_length)):
-        if value >= 1 and value % doc_multiple:
-            problems.append(
-                f"data.{name}={value} must be a multiple of the document padding multiple "
-                f"{doc_multiple} (lcm of data.pad_documents_to_multiple_of and 2 x "
-                "context_parallel_size): the alignment pad is a document, and packs hold "
-                f"padded documents; set data.{name}={math.lcm(value, doc_multiple)}"
-            )
+    if data.seq_length >= 1 and data.seq_length % doc_multiple:
+        problems.append(
+            f"data.seq_length={data.seq_length} must be a multiple of the document padding "
+            f"multiple {doc_multiple} (lcm of data.pad_documents_to_multiple_of and 2 x "
+            "context_parallel_size): packs hold padded documents; set "
+            f"data.seq_length={math.lcm(data.seq_length, doc_multiple)}"
+        )
     if config.train.loss_reduction not in LOSS_REDUCTIONS:
         problems.append(
             f"train.loss_reduction={config.train.loss_reduction!r}; choose one of {LOSS_REDUCTIONS}"
@@ -276,6 +281,16 @@ def _optim_problems(config: LongAlignConfig, world_size: int) -> list[str]:
         )
     if optim.lr_warmup_steps < 0:
         problems.append(f"optim.lr_warmup_steps must be >= 0, got {optim.lr_warmup_steps}")
+    fraction = optim.lr_warmup_fraction
+    if fraction is not None:
+        if not 0 <= fraction < 1:
+            problems.append(f"optim.lr_warmup_fraction must be in [0, 1), got {fraction}")
+        if optim.lr_warmup_steps:
+            problems.append(
+                f"optim.lr_warmup_fraction ({fraction}) and optim.lr_warmup_steps "
+                f"({optim.lr_warmup_steps}) are both set; set optim.lr_warmup_steps=0 (or "
+                "optim.lr_warmup_fraction=null)"
+            )
     decay_steps = optim.lr_decay_steps if optim.lr_decay_steps is not None else train.max_steps
     if decay_steps is not None and optim.lr_warmup_steps >= decay_steps:
         problems.append(
@@ -318,6 +333,8 @@ def _train_problems(config: LongAlignConfig, world_size: int) -> list[str]:
         problems.append(f"train.keep_last must be >= 1 or null (keep all), got {train.keep_last}")
     if not train.resume:
         problems.append("train.resume must be auto, never or a checkpoint path; got ''")
+    for name in train.preemption_signals:
+        problems += _caught(lambda name=name: signal_number(name), "train.preemption_signals: ")
     if train.checkpoint_dir is None and train.save_interval:
         problems.append(
             f"train.save_interval={train.save_interval} needs train.checkpoint_dir (null: "

@@ -71,6 +71,10 @@ def test_context_parallelism_is_accepted_except_with_flash(config):
     config.parallel.context_parallel_size = 2
     config.data.pad_to_multiple_of = 4
     assert not [p for p in config_problems(config, 2) if "context" in p]
+    config.data.seq_length = 1026  # packs hold documents padded to multiples of 4
+    message = problem_about(config, "data.seq_length=1026", world_size=2)
+    assert "set data.seq_length=1028" in message
+    config.data.seq_length = 1024
     config.model.attention_backend = "flash"
     problem_about(config, "model.attention_backend=flash has no context parallelism", world_size=2)
 
