@@ -197,7 +197,7 @@ def _data_problems(config: LongAlignConfig, world_size: int) -> list[str]:
             f"data.seq_length={data.seq_length} must be a multiple of the document padding "
             f"multiple {doc_multiple} (lcm of data.pad_documents_to_multiple_of and 2 x "
             "context_parallel_size): packs hold padded documents; set "
-            f"data.seq_length={math.lcm(data.seq_length, doc_multiple)}"
+            f"data.seq_length={-(-data.seq_length // doc_multiple) * doc_multiple}"
         )
     if config.train.loss_reduction not in LOSS_REDUCTIONS:
         problems.append(
