@@ -21,6 +21,12 @@ ignores the table's layout). In bshd mode the table is [S, B, 1, dim], which
 With context parallelism (TE backend) each rank holds chunks r and 2*CP-1-r of every
 document, and megatron reads those chunks' rows from a full-length table; the local
 angles are scattered into exactly those rows (`_place_for_context_parallel`).
+
+Vocabulary padding. megatron pads the embedding/output vocabulary to a multiple of
+make_vocab_size_divisible_by x TP. Those padded logits would enter the softmax of the
+loss, so the loss would depend on TP and differ from the unpadded (e.g. Hugging Face)
+model. The loss masks them to -inf: only the real vocabulary counts, on every layout.
+Logits returned without labels keep the padded columns (they are never labels).
 """
 
 from __future__ import annotations
@@ -90,6 +96,22 @@ class LongAlignGPTModel(GPTModel):
     Everything else (embedding, decoder, output layer, loss) is megatron's."""
 
     attention_backend: str = ""
+    # The unpadded vocabulary (ModelConfig.vocab_size); columns past it are padding.
+    real_vocab_size: int | None = None
+
+    def compute_language_model_loss(self, labels: Tensor, logits: Tensor) -> Tensor:
+        return super().compute_language_model_loss(labels, self._mask_padded_vocab(logits))
+
+    def _mask_padded_vocab(self, logits: Tensor) -> Tensor:
+        """-inf on this TP rank's padded vocabulary columns (logits [s, b, V / TP])."""
+        if self.real_vocab_size is None or self.real_vocab_size >= self.vocab_size:
+            return logits
+        local = logits.size(-1)
+        first_padded = self.real_vocab_size - self.pg_collection.tp.rank() * local
+        if first_padded >= local:
+            return logits
+        padded = torch.arange(local, device=logits.device) >= max(first_padded, 0)
+        return logits.masked_fill(padded, float("-inf"))
 
     def forward(
         self,
@@ -241,6 +263,7 @@ def build_gpt_model(
         rope.inv_freq = llama3_scaled_inv_freq(rope.inv_freq, model_config.rope_scaling)
         model.rotary_scaling = True
     model.attention_backend = backend
+    model.real_vocab_size = model_config.vocab_size
     return model
 
 

@@ -348,3 +348,25 @@ def test_model_inputs_from_a_data_pipeline_microbatch(sdpa_model):
             packed_seq_params=_packed_params(batch),
         )
     assert torch.equal(loss, expected)
+
+
+def test_padded_vocabulary_does_not_enter_the_loss():
+    """vocab 300 is padded to 384 (multiple of 128): the loss is the cross entropy over
+    the 300 real columns only, so it is the same for every TP padding and equals the
+    unpadded (Hugging Face) model's."""
+    import torch.nn.functional as F
+
+    model = build(tiny_config(vocab_size=300, make_vocab_size_divisible_by=128))
+    assert model.vocab_size == 384 and model.real_vocab_size == 300
+    batch = pack([7, 5], vocab=300)
+    kwargs = dict(
+        position_ids=batch["position_ids"],
+        packed_seq_params=packed_seq_params_from(batch["cu_seqlens"], 7),
+    )
+    logits = model(batch["tokens"], **kwargs)  # [1, T, 384]
+    assert logits.size(-1) == 384 and logits[..., 300:].abs().sum() > 0
+    losses = model(batch["tokens"], labels=batch["labels"], **kwargs)
+    expected = F.cross_entropy(logits[0, :, :300], batch["labels"][0], reduction="none")
+    torch.testing.assert_close(losses[0], expected, atol=1e-5, rtol=1e-5)
+    with_padding = F.cross_entropy(logits[0], batch["labels"][0], reduction="none")
+    assert (with_padding - expected).abs().min() > 1e-3  # the padding would have counted
