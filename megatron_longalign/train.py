@@ -6,10 +6,15 @@
 
 Every process composes the same config; rank 0 logs. Config problems are reported, all
 at once, before any process group is joined (config/validate.py).
+
+Exit status: 0 when the run is done, 2 for a configuration error, 75
+(training/preemption.py PREEMPTED_EXIT_CODE) when SIGUSR1/SIGTERM stopped it at a step
+boundary after a checkpoint save: requeue and it resumes (docs/CLUSTER.md).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import warnings
 
@@ -35,9 +40,14 @@ def main(cfg: DictConfig) -> None:
     warnings.filterwarnings("ignore", message=".*is not a leaf Tensor is being accessed.*")
     from megatron_longalign.config.validate import ConfigError
     from megatron_longalign.parallel.distributed import destroy_distributed
+    from megatron_longalign.training import preemption
     from megatron_longalign.training.trainer import Trainer
 
     config = to_config(cfg)
+    # Before the Trainer is built: a preemption signal during model or checkpoint loading
+    # is kept and honoured at the first step boundary (training/preemption.py).
+    with contextlib.suppress(ValueError):  # an unknown name: reported by the validation
+        preemption.install(config.train.preemption_signals)
     try:
         trainer = Trainer(config)
     except ConfigError as err:
@@ -48,7 +58,8 @@ def main(cfg: DictConfig) -> None:
         if trainer.is_rank0 and history:
             done = [r for r in history if not r.skipped]
             log.info(
-                "done: %d steps (%d skipped), loss %.4f -> %.4f",
+                "%s: %d steps (%d skipped), loss %.4f -> %.4f",
+                "preempted" if trainer.preempted else "done",
                 len(history),
                 len(history) - len(done),
                 done[0].loss if done else float("nan"),
@@ -56,6 +67,8 @@ def main(cfg: DictConfig) -> None:
             )
     finally:
         destroy_distributed()
+    if trainer.preempted:  # saved; the launcher requeues on this status (docs/CLUSTER.md)
+        raise SystemExit(preemption.PREEMPTED_EXIT_CODE)
 
 
 if __name__ == "__main__":

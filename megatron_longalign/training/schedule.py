@@ -27,27 +27,37 @@ def decay_steps(optim: OptimConfig, total_steps: int) -> int:
     return optim.lr_decay_steps if optim.lr_decay_steps is not None else total_steps
 
 
+def warmup_steps(optim: OptimConfig, total_steps: int) -> int:
+    """W: `lr_warmup_steps`, or floor(lr_warmup_fraction x decay steps) when the fraction
+    is set (as Megatron's --lr-warmup-fraction)."""
+    if optim.lr_warmup_fraction is None:
+        return optim.lr_warmup_steps
+    return int(optim.lr_warmup_fraction * decay_steps(optim, total_steps))
+
+
 def build_scheduler(optimizer: Any, optim: OptimConfig, total_steps: int):
     """megatron OptimizerParamScheduler for `optimizer` (a MegatronOptimizer, or anything
     with `param_groups`). Sets lr(0) on the groups now; see the module docstring."""
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
     steps = decay_steps(optim, total_steps)
+    warmup = warmup_steps(optim, total_steps)
     if optim.lr_decay_style not in LR_DECAY_STYLES:
         raise ValueError(
             f"optim.lr_decay_style={optim.lr_decay_style!r}; choose one of {LR_DECAY_STYLES}"
         )
-    if not 0 <= optim.lr_warmup_steps < steps:
+    if not 0 <= warmup < steps:
         raise ValueError(
-            f"optim.lr_warmup_steps ({optim.lr_warmup_steps}) must be in [0, {steps}), the "
-            "decay steps (optim.lr_decay_steps, or the run's total steps)"
+            f"the warmup ({warmup} steps: optim.lr_warmup_steps, or optim.lr_warmup_fraction "
+            f"x decay steps) must be in [0, {steps}), the decay steps (optim.lr_decay_steps, "
+            "or the run's total steps)"
         )
     return OptimizerParamScheduler(
         optimizer,
         init_lr=optim.lr_warmup_init,
         max_lr=optim.lr,
         min_lr=optim.min_lr,
-        lr_warmup_steps=optim.lr_warmup_steps,
+        lr_warmup_steps=warmup,
         lr_decay_steps=steps,
         lr_decay_style=optim.lr_decay_style,
         start_wd=optim.weight_decay,

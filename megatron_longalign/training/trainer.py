@@ -22,6 +22,9 @@ One step (`train_step`):
   the exact same stream;
 - the DESIGN.md metrics (training/metrics.py) every `logging.log_interval` steps and at
   the last one, through MetricsLogger (training/logger.py: console line + wandb, rank 0).
+- preemption (training/preemption.py): after SIGUSR1/SIGTERM on any rank
+  (`train.preemption_signals`), every rank stops at the same step boundary, saves, and
+  `preempted` is set (the entry point exits with PREEMPTED_EXIT_CODE).
 
 The loss/gradient contract (docs/TRAINING.md, "The path we use"):
 `calculate_per_token_loss=True` is set before DDP is built, `loss_func` returns
@@ -59,6 +62,7 @@ from megatron_longalign.parallel.distributed import (
 )
 from megatron_longalign.training import loss as loss_keys
 from megatron_longalign.training import metrics as metrics_lib
+from megatron_longalign.training import preemption
 from megatron_longalign.training.checkpoint import (
     MARKER,
     CheckpointError,
@@ -387,6 +391,7 @@ class Trainer:
             CheckpointManager(ckpt_dir, keep_last=config.train.keep_last) if ckpt_dir else None
         )
         self.last_saved_step: int | None = None
+        self.preempted = False  # train() stopped early on a preemption signal (and saved)
         self.wandb_run_id: str | None = config.logging.wandb.run_id
         self._log_setup()
         self.resumed_from = self._resume()
@@ -636,10 +641,16 @@ class Trainer:
                 unit="step",
                 dynamic_ncols=True,
             ) as bar,
+            preemption.handling(self.config.train.preemption_signals),
         ):
             try:
                 batches = self.batches()
                 while self.state.step < self.total_steps:
+                    # Collective: a signal on any rank stops every rank here; the save
+                    # below then checkpoints the last finished step (training/preemption.py).
+                    if preemption.stop_requested(self.device, step=self.state.step):
+                        self.preempted = True
+                        break
                     batch = next(batches, None)
                     if batch is None:  # epochs mode: the planned epochs are done
                         break
