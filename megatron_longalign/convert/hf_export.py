@@ -161,13 +161,13 @@ def export_checkpoint(
     extra = read_marker(path).get("extra", {})
     record = extra.get("hf_import") or {}
     if model_config is None:
-        # An import's record, or a top-level extra["model_config"] (asdict(ModelConfig))
-        # should the trainer ever store one.
-        recorded = record.get("model_config") or extra.get("model_config")
+        # The trainer's own record (what it trained, e.g. with a raised context) first,
+        # then an import's.
+        recorded = extra.get("model_config") or record.get("model_config")
         if not recorded:
             raise ConversionError(
-                f"{path} records no model config (it was not made by an import): pass "
-                "--model-config with the model YAML it was trained with"
+                f"{path} records no model config (neither the trainer nor an import wrote "
+                "one): pass --model-config with the model YAML it was trained with"
             )
         model_config = model_config_from_dict(recorded)
     model_type = model_type or record.get("model_type") or default_model_type(model_config)

@@ -68,6 +68,7 @@ from megatron_longalign.training.checkpoint import (
     CheckpointError,
     CheckpointManager,
     TrainingState,
+    read_marker,
 )
 from megatron_longalign.training.logger import LoggingConfig as MetricsLoggingConfig
 from megatron_longalign.training.logger import MetricsLogger
@@ -393,6 +394,8 @@ class Trainer:
         self.last_saved_step: int | None = None
         self.preempted = False  # train() stopped early on a preemption signal (and saved)
         self.wandb_run_id: str | None = config.logging.wandb.run_id
+        # Where the weights came from (train.init_from), carried into every checkpoint.
+        self.init_record: dict[str, Any] = {}
         self._log_setup()
         self.resumed_from = self._resume()
 
@@ -487,6 +490,7 @@ class Trainer:
         )
         if self.wandb_run_id is None:
             self.wandb_run_id = extra.get("wandb_run_id")
+        self.init_record = {k: extra[k] for k in ("init_from", "hf_import") if k in extra}
         self.last_saved_step = saved.step  # nothing new to save until a step runs
         if self.is_rank0:
             log.info(
@@ -514,6 +518,11 @@ class Trainer:
         # The (distributed) optimizer copied the weights into its main params when it was
         # built; without this the first update would start from the random init.
         self.optimizer.reload_model_params()
+        # Provenance for every later checkpoint (export reads the HF source and tokenizer).
+        self.init_record = {"init_from": str(path)}
+        hf_import = read_marker(path).get("extra", {}).get("hf_import")
+        if hf_import:
+            self.init_record["hf_import"] = hf_import
         if self.is_rank0:
             log.info("initial weights from %s (model only: optimizer and data start fresh)", path)
 
@@ -528,6 +537,9 @@ class Trainer:
             "skipped_steps": state.skipped_steps,
             "consecutive_bad_steps": state.consecutive_bad_steps,
             "name": self.config.name,
+            # What the weights are (tools/convert_hf.py export builds the HF config from it).
+            "model_config": dataclasses.asdict(self.config.model),
+            **self.init_record,
         }
         path = self.checkpoints.save(
             TrainingState(state.step, state.consumed_samples, state.position, extra),
