@@ -96,10 +96,14 @@ def agree_on_error(error: str | None) -> None:
 
 
 def check_output_free(output: Path) -> None:
+    """`output` must be new; its parent directories are created (as `mkdir -p` would),
+    so `--output ckpt/model` works in a fresh tree."""
     if output.exists() or output.is_symlink():
         raise ConversionError(f"output {output} already exists; choose a new directory")
-    if not output.parent.is_dir():
-        raise ConversionError(f"the parent of output {output} does not exist")
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ConversionError(f"cannot create the parent of output {output}: {err}") from err
 
 
 @contextmanager
