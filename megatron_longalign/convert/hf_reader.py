@@ -9,7 +9,10 @@ Nothing is read up front but file headers: safetensors files are opened with
 `safe_open`, whose `get_slice` reads only the requested slice from disk; .bin files are
 opened with `torch.load(mmap=True, weights_only=True)`, so tensors are views of the
 memory-mapped file and a slice copies only its own pages. Peak memory is therefore the
-largest slice a caller asks for, never the state dict.
+largest slice a caller asks for, never the state dict. Only one file stays open: a
+mapping keeps every page it has read resident (counted in RSS, and against a Slurm job's
+memory limit) until it is closed, so a reader holding all shards open would end up
+showing the whole checkpoint resident.
 """
 
 from __future__ import annotations
@@ -96,6 +99,7 @@ class HFCheckpointReader:
     def _open(self, file: str):
         if file in self._handles:
             return self._handles[file]
+        self._handles.clear()  # unmap the previous file (see the module docstring)
         path = self.dir / file
         try:
             if self.format == "safetensors":
