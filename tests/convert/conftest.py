@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from megatron_longalign.parallel.distributed import free_port
+from tests.megatron_session import megatron_on_cpu
 
 warnings.filterwarnings("ignore", category=UserWarning, module=r"megatron\.")
 
@@ -215,27 +215,8 @@ def checkpoint_tensors(root: Path, config, dtype=torch.float32) -> dict[str, tor
 def megatron_cpu() -> Iterator[None]:
     """CPU shim + gloo group + megatron state (TP = PP = 1) for this package, torn down
     at its end (as tests/model does) so other packages can set up their own."""
-    from megatron.core import parallel_state
-    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
-
-    from megatron_longalign.parallel.cpu_mode import enable_cpu_mode
-
-    if not torch.cuda.is_available():
-        enable_cpu_mode()
-    created_pg = not torch.distributed.is_initialized()
-    if created_pg:
-        torch.distributed.init_process_group(
-            "gloo", world_size=1, rank=0, init_method=f"tcp://127.0.0.1:{free_port()}"
-        )
-    created_mp = not parallel_state.model_parallel_is_initialized()
-    if created_mp:
-        parallel_state.initialize_model_parallel(1, 1)
-    model_parallel_cuda_manual_seed(SEED)
-    yield
-    if created_mp:
-        parallel_state.destroy_model_parallel()
-    if created_pg:
-        torch.distributed.destroy_process_group()
+    with megatron_on_cpu(SEED):
+        yield
 
 
 @pytest.fixture(scope="package")

@@ -1,8 +1,5 @@
-"""Model tests: megatron-core on CPU in this one process (gloo, world size 1), set up once.
-
-The setup does not use megatron_longalign.parallel.distributed (written separately) so
-these tests depend only on the model package and the CPU shim.
-"""
+"""Model tests: megatron-core on CPU in this one process (gloo, world size 1), set up once
+(tests/megatron_session.py)."""
 
 from __future__ import annotations
 
@@ -13,7 +10,8 @@ import pytest
 import torch
 
 from megatron_longalign.model.config import ModelConfig
-from megatron_longalign.parallel.distributed import free_port
+from tests.megatron_session import megatron_on_cpu
+from tests.tiny_model import tiny_model_config
 
 SEED = 1234
 
@@ -23,48 +21,16 @@ def megatron_cpu() -> Iterator[None]:
     """CPU shim + gloo process group + megatron model-parallel state (TP = PP = 1), once
     for all model tests. Package scope (not session) so that the groups it created are
     torn down before other test packages set up their own."""
-    from megatron.core import parallel_state
-    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
-
-    from megatron_longalign.parallel.cpu_mode import enable_cpu_mode
-
     warnings.filterwarnings("ignore", message=".*flex_attention called without torch.compile.*")
-    if not torch.cuda.is_available():
-        enable_cpu_mode()
-    created_pg = not torch.distributed.is_initialized()
-    if created_pg:
-        torch.distributed.init_process_group(
-            "gloo", world_size=1, rank=0, init_method=f"tcp://127.0.0.1:{free_port()}"
-        )
-    created_mp = not parallel_state.model_parallel_is_initialized()
-    if created_mp:
-        parallel_state.initialize_model_parallel(1, 1)
-    model_parallel_cuda_manual_seed(SEED)
-    yield
-    if created_mp:
-        parallel_state.destroy_model_parallel()
-    if created_pg:
-        torch.distributed.destroy_process_group()
+    with megatron_on_cpu(SEED):
+        yield
 
 
 def tiny_config(**changes) -> ModelConfig:
     """conf/model/tiny.yaml's shape with a large init std, so attention is far from
     uniform and position or mask mistakes show up in the outputs (with std 0.02 the
     q.k logits of a random model are ~0 and nearly any attention pattern looks alike)."""
-    fields = dict(
-        name="tiny",
-        num_layers=2,
-        hidden_size=64,
-        ffn_hidden_size=128,
-        num_attention_heads=4,
-        num_query_groups=2,
-        vocab_size=256,
-        max_position_embeddings=4096,
-        init_method_std=0.3,
-        attention_backend="sdpa",
-    )
-    fields.update(changes)
-    return ModelConfig(**fields)
+    return tiny_model_config(**{"vocab_size": 256, "init_method_std": 0.3, **changes})
 
 
 def build(config: ModelConfig, backend: str | None = None, seed: int = SEED, **overrides):

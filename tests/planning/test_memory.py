@@ -24,6 +24,7 @@ from megatron_longalign.planning.memory import (
     stage_parameters,
     total_parameters,
 )
+from tests.tiny_model import tiny_model_config
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -35,14 +36,8 @@ def load(name: str) -> ModelConfig:
     return OmegaConf.to_object(node)
 
 
-TINY = ModelConfig(
-    num_layers=2,
-    hidden_size=64,
-    ffn_hidden_size=128,
-    num_attention_heads=4,
-    num_query_groups=2,
-    vocab_size=2048,
-)
+# Name and backend: ModelConfig's defaults (the planner reads neither).
+TINY = tiny_model_config(vocab_size=2048, name="custom", attention_backend="auto")
 
 
 def test_tiny_parameter_count_by_hand():

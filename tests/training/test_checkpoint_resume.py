@@ -9,7 +9,6 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -18,25 +17,13 @@ from megatron_longalign.data.planner import PlanPosition
 from megatron_longalign.training.checkpoint import MARKER, CheckpointManager, read_marker
 from megatron_longalign.training.trainer import Trainer
 from tests.parallel.launch import REPO, worker_env
-from tests.training.workers.common import tiny_training_config
+from tests.training.workers.common import Recorder, read_losses, tiny_training_config
 
 WORKER = Path(__file__).resolve().parent / "workers" / "resume_run.py"
 STEPS, SAVE_INTERVAL = 8, 3
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _distributed_teardown() -> Iterator[None]:
-    yield
-    from megatron_longalign.parallel.distributed import destroy_distributed
-
-    destroy_distributed()
-
-
-def read_losses(path: Path) -> dict[int, dict]:
-    if not path.exists():
-        return {}
-    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return {r["step"]: r for r in records}
+pytestmark = pytest.mark.usefixtures("distributed_teardown")
 
 
 def worker_command(data: Path, ckpt: Path, losses: Path, *extra: str) -> list[str]:
@@ -128,21 +115,6 @@ def test_resume_after_sigkill_continues_exactly(sample_prefixes, tmp_path):
     assert not [p for p in ckpt.iterdir() if ".tmp-" in p.name]
     complete = sorted(p.name for p in ckpt.iterdir() if (p / MARKER).is_file())
     assert complete == ["step_00000006", "step_00000008"]
-
-
-class Recorder:
-    """A MetricsLogger stand-in that keeps what it is given."""
-
-    def __init__(self, run_id: str = "rec-run") -> None:
-        self.run_id = run_id
-        self.logged: list[tuple[int, dict]] = []
-
-    def log(self, step, metrics, force=False) -> bool:
-        self.logged.append((step, dict(metrics)))
-        return True
-
-    def close(self) -> None:
-        pass
 
 
 def test_save_schedule_position_and_resume_in_process(sample_prefixes, tmp_path):

@@ -22,24 +22,18 @@ from megatron_longalign.training.checkpoint import CheckpointManager, read_marke
 from megatron_longalign.training.schedule import build_scheduler, warmup_steps
 from megatron_longalign.training.trainer import Trainer
 from tests.parallel.launch import REPO, worker_env
-from tests.training.workers.common import tiny_training_config
+from tests.training.workers.common import read_losses, tiny_training_config
 
 WORKER = Path(__file__).resolve().parent / "workers" / "preempt_run.py"
 STEPS = 8
+
+pytestmark = pytest.mark.usefixtures("distributed_teardown")
 
 
 @pytest.fixture(autouse=True)
 def _no_handlers_left() -> Iterator[None]:
     yield
     preemption.uninstall()
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _distributed_teardown() -> Iterator[None]:
-    yield
-    from megatron_longalign.parallel.distributed import destroy_distributed
-
-    destroy_distributed()
 
 
 # ---- the handlers ------------------------------------------------------------------------
@@ -166,12 +160,6 @@ def test_trainer_stops_saves_and_restores_handlers(sample_prefixes, tmp_path):
 
 
 # ---- subprocesses: SIGUSR1, then SIGTERM, then the end; exact ----------------------------
-
-
-def read_losses(path: Path) -> dict[int, dict]:
-    if not path.exists():
-        return {}
-    return {r["step"]: r for r in map(json.loads, path.read_text().splitlines())}
 
 
 def worker(data: Path, ckpt: Path, losses: Path, weights: Path) -> list[str]:

@@ -5,7 +5,6 @@ non-finite steps."""
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -18,15 +17,7 @@ from megatron_longalign.training.trainer import (
 )
 from tests.training.workers.common import tiny_training_config
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _distributed_teardown() -> Iterator[None]:
-    # Every Trainer joins (or re-seeds) the single-process job; leave nothing behind for
-    # other test packages.
-    yield
-    from megatron_longalign.parallel.distributed import destroy_distributed
-
-    destroy_distributed()
+pytestmark = pytest.mark.usefixtures("distributed_teardown")
 
 
 def params(trainer: Trainer) -> dict[str, torch.Tensor]:

@@ -5,35 +5,14 @@ from __future__ import annotations
 
 import math
 import socket
-from collections.abc import Iterator
 
 import pytest
 
 from megatron_longalign.training.metrics import LOSS_BY_LEN_PREFIX, METRIC_KEYS
 from megatron_longalign.training.trainer import Trainer
-from tests.training.workers.common import tiny_training_config
+from tests.training.workers.common import Recorder, tiny_training_config
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _distributed_teardown() -> Iterator[None]:
-    yield
-    from megatron_longalign.parallel.distributed import destroy_distributed
-
-    destroy_distributed()
-
-
-class Recorder:
-    run_id = None
-
-    def __init__(self) -> None:
-        self.logged: list[tuple[int, dict]] = []
-
-    def log(self, step, metrics, force=False) -> bool:
-        self.logged.append((step, dict(metrics)))
-        return True
-
-    def close(self) -> None:
-        pass
+pytestmark = pytest.mark.usefixtures("distributed_teardown")
 
 
 def test_metrics_are_logged_every_interval_with_the_stable_keys(sample_prefixes):

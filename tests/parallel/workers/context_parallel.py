@@ -41,6 +41,7 @@ from megatron_longalign.data.weights import per_token_weights
 from megatron_longalign.model.config import ModelConfig
 from megatron_longalign.parallel.distributed import ParallelConfig, initialize_distributed
 from megatron_longalign.training.loss import NLL_SUM, NUM_TARGETS, loss_func
+from tests.tiny_model import tiny_model_config
 
 TEMPLATE, USER, ASSISTANT, CONTEXT = 0, 2, 3, 4
 # (region kind, length) per sample; lengths chosen odd, and one sample (2 tokens) shorter
@@ -71,16 +72,11 @@ def parse_args() -> argparse.Namespace:
 
 
 def model_config(backend: str = "sdpa") -> ModelConfig:
-    return ModelConfig(
+    return tiny_model_config(
         name="cp-test",
         num_layers=4,  # 2 per stage at PP 2
-        hidden_size=64,
-        ffn_hidden_size=128,
-        num_attention_heads=4,
-        num_query_groups=2,
         vocab_size=512,
         make_vocab_size_divisible_by=64,  # 512 at TP 1 and 2: the same softmax
-        max_position_embeddings=4096,
         attention_backend=backend,
     )
 

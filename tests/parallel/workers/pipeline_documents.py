@@ -36,23 +36,18 @@ from tiny_gpt import (
     write_rank_result,
 )
 
-from megatron_longalign.model.config import ModelConfig
 from megatron_longalign.model.gpt import build_gpt_model, packed_seq_params_from
+from tests.tiny_model import tiny_model_config
 
 WEIGHT_SEED = 11
 DATA_SEED = 5
 
-MODEL = ModelConfig(
+MODEL = tiny_model_config(
     name="tiny-pp",
     num_layers=4,  # 2 layers per stage at PP = 2
-    hidden_size=64,
-    ffn_hidden_size=128,
-    num_attention_heads=4,
-    num_query_groups=2,
     vocab_size=512,
     make_vocab_size_divisible_by=64,
     max_position_embeddings=256,
-    attention_backend="sdpa",
 )
 
 

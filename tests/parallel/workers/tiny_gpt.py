@@ -221,6 +221,22 @@ def run_model(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     )
 
 
+# ---------------------------------------------------------------- loss
+
+
+def sequence_mean_weights(loss_mask: torch.Tensor, num_sequences: int) -> torch.Tensor:
+    """w_t = 1 / (N_i * M): each sequence's mean, averaged over the M sequences."""
+    return loss_mask / loss_mask.sum(dim=-1, keepdim=True) / num_sequences
+
+
+def weighted_sum_loss_func(weights: torch.Tensor, token_losses: torch.Tensor):
+    """3-tuple loss_func for calculate_per_token_loss=True: sum_t w_t * loss_t, the
+    number of weighted tokens, and the loss for the step report."""
+    loss = (weights * token_losses).sum()
+    num_tokens = (weights > 0).sum().to(torch.int)
+    return loss, num_tokens, {"loss": loss.detach().clone()}
+
+
 # ---------------------------------------------------------------- output
 
 

@@ -23,8 +23,10 @@ from tiny_gpt import (
     make_batches,
     parse_args,
     run_model,
+    sequence_mean_weights,
     setup,
     tiny_config,
+    weighted_sum_loss_func,
     wrap_ddp,
     write_rank_result,
 )
@@ -38,17 +40,6 @@ def mean_loss_func(token_losses: torch.Tensor):
     # clone: the schedule divides the returned loss in place (by num_microbatches),
     # and a detach()ed view would see that division too.
     return loss, {"loss": loss.detach().clone()}
-
-
-def weighted_sum_loss_func(weights: torch.Tensor, token_losses: torch.Tensor):
-    loss = (weights * token_losses).sum()
-    num_tokens = (weights > 0).sum().to(torch.int)
-    return loss, num_tokens, {"loss": loss.detach().clone()}
-
-
-def sequence_mean_weights(loss_mask: torch.Tensor, num_sequences: int) -> torch.Tensor:
-    """w_t = 1 / (N_i * M): each sequence's mean, averaged over the M sequences."""
-    return loss_mask / loss_mask.sum(dim=-1, keepdim=True) / num_sequences
 
 
 def make_forward_step(mode: str):

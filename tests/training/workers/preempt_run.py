@@ -16,36 +16,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-import time
 import warnings
 from pathlib import Path
 
-from common import tiny_training_config
+from common import JsonLinesLogger, tiny_training_config
 
 warnings.filterwarnings("ignore")
-
-
-class RecordingLogger:
-    """A MetricsLogger stand-in: every logged step's values into a JSON-lines file."""
-
-    run_id = "preempt-test-run"
-
-    def __init__(self, path: Path, sleep: float) -> None:
-        self.path, self.sleep = path, sleep
-
-    def log(self, step, metrics, force=False) -> bool:
-        record = {"step": step, **{k: float(v) for k, v in metrics.items()}}
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        time.sleep(self.sleep)  # a slower step: room for the test's signal
-        return True
-
-    def close(self) -> None:
-        pass
 
 
 def main() -> None:
@@ -76,7 +53,10 @@ def main() -> None:
         keep_last=None,
         resume="auto",
     )
-    trainer = Trainer(config, metrics_logger=RecordingLogger(args.losses, args.step_sleep))
+    trainer = Trainer(
+        config,
+        metrics_logger=JsonLinesLogger(args.losses, "preempt-test-run", sleep=args.step_sleep),
+    )
     print("RESUMED_FROM", trainer.resumed_from, flush=True)
     print("TRAINING", flush=True)
     trainer.train()

@@ -16,35 +16,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 import warnings
 from pathlib import Path
 
-from common import tiny_training_config
+from common import JsonLinesLogger, tiny_training_config
 
 warnings.filterwarnings("ignore")
-
-
-class RecordingLogger:
-    """A MetricsLogger stand-in: every logged step's values into a JSON-lines file."""
-
-    run_id = "resume-test-run"
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-
-    def log(self, step, metrics, force=False) -> bool:
-        record = {"step": step, **{k: float(v) for k, v in metrics.items()}}
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        return True
-
-    def close(self) -> None:
-        pass
 
 
 def hang_in_save(step: int) -> None:
@@ -86,7 +65,7 @@ def main() -> None:
         keep_last=2,
         resume="auto",
     )
-    trainer = Trainer(config, metrics_logger=RecordingLogger(args.losses))
+    trainer = Trainer(config, metrics_logger=JsonLinesLogger(args.losses, "resume-test-run"))
     print("RESUMED_FROM", trainer.resumed_from, flush=True)
     trainer.train()
     print("DONE", trainer.state.step, flush=True)

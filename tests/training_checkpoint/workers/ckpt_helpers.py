@@ -22,8 +22,10 @@ from tiny_gpt import (  # noqa: E402
     full_tensors,
     make_batches,
     run_model,
+    sequence_mean_weights,
     setup,
     tiny_config,
+    weighted_sum_loss_func,
     wrap_ddp,
     write_rank_result,
 )
@@ -95,14 +97,8 @@ def _local_batches(step: int) -> list[dict[str, torch.Tensor]]:
 def _forward_step(data_iterator, model):
     batch = next(data_iterator)
     output = run_model(model, batch)
-    mask = batch["loss_mask"]
-    weights = mask / mask.sum(dim=-1, keepdim=True) / GLOBAL_BATCH  # mean of sequence means
-
-    def loss_func(token_losses):
-        loss = (weights * token_losses).sum()
-        return loss, (weights > 0).sum().to(torch.int), {"loss": loss.detach().clone()}
-
-    return output, loss_func
+    weights = sequence_mean_weights(batch["loss_mask"], GLOBAL_BATCH)  # mean of sequence means
+    return output, lambda token_losses: weighted_sum_loss_func(weights, token_losses)
 
 
 def train_step(model: list, optimizer, scheduler, step: int) -> float:
