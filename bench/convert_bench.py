@@ -57,11 +57,10 @@ def make_hf_model(directory: Path, hidden: int, layers: int, vocab: int) -> int:
 
 
 def _report(started: float) -> None:
-    # VmHWM, not ru_maxrss: Linux carries ru_maxrss across fork + exec, so a child would
-    # report the parent's peak; VmHWM belongs to the exec'd address space.
-    status = Path("/proc/self/status").read_text()
-    (line,) = [row for row in status.splitlines() if row.startswith("VmHWM:")]
-    peak = int(line.split()[1]) * 1024
+    from megatron_longalign.utils.memory import peak_rss_bytes
+
+    # The child's own peak (VmHWM), not one inherited from this parent (utils/memory.py).
+    peak = peak_rss_bytes()
     print(json.dumps({"peak_bytes": peak, "seconds": time.perf_counter() - started}))
 
 

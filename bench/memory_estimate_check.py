@@ -7,7 +7,7 @@ attention, fp32, one process) on a synthetic preprocessed dataset whose document
 have `doc` tokens, packed into rows of `seq` tokens (global batch 1 row). The second
 step is the measured one: Adam's state only exists after the first update.
 
-Measurement: peak resident set size (`ru_maxrss`) minus the RSS just before the Trainer
+Measurement: peak resident set size (VmHWM, utils/memory.py) minus the RSS just before the Trainer
 is built (after imports and data writing), in a fresh process per case, so an earlier
 case's peak cannot hide a later one. glibc is told to return freed blocks of 64 KiB and
 more to the OS at once (MALLOC_MMAP_THRESHOLD_ / MALLOC_TRIM_THRESHOLD_), so RSS tracks
@@ -32,7 +32,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import subprocess
 import sys
 import tempfile
@@ -121,10 +120,6 @@ def _rss_bytes() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def _peak_rss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
-
-
 def _write_dataset(prefix: str, case: Case, rows: int) -> None:
     """`rows` packs' worth of documents of exactly `case.doc` random tokens; the last
     eighth of each is the assistant answer (the loss path is the real one)."""
@@ -177,6 +172,7 @@ def run_case(case: Case, steps: int = 2) -> dict[str, Any]:
 
     from megatron_longalign.parallel.distributed import destroy_distributed
     from megatron_longalign.training.trainer import Trainer
+    from megatron_longalign.utils.memory import peak_rss_bytes
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
     with tempfile.TemporaryDirectory() as tmp:
@@ -194,7 +190,7 @@ def run_case(case: Case, steps: int = 2) -> dict[str, Any]:
             trainer.train_step(batch)
             tokens.append(batch.real_tokens)
         seconds = time.perf_counter() - start
-        peak = _peak_rss_bytes()
+        peak = peak_rss_bytes()
         destroy_distributed()
     return {
         "baseline_gb": baseline / 1e9,

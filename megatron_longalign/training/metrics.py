@@ -17,8 +17,6 @@ usual MFU definition (PaLM, appendix B). See docs/PERFORMANCE.md.
 
 from __future__ import annotations
 
-import resource
-import sys
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -28,6 +26,7 @@ import numpy as np
 import torch
 
 from megatron_longalign.data.preprocess_stats import HISTOGRAM_EDGES
+from megatron_longalign.utils.memory import peak_rss_bytes
 
 if TYPE_CHECKING:
     from megatron_longalign.data.microbatch import MicroBatch
@@ -346,13 +345,11 @@ def peak_memory_source() -> str:
 def peak_memory_gb() -> float:
     """Peak memory in GiB (2^30 bytes). On GPU: torch.cuda.max_memory_allocated (tensors
     only, not the allocator's cache). On CPU: the process's peak resident set size
-    (resource.ru_maxrss), which also counts the interpreter and libraries; see
+    (utils/memory.py), which also counts the interpreter and libraries; see
     `peak_memory_source`."""
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 2**30
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    # ru_maxrss is KiB on Linux, bytes on macOS.
-    return rss / 2**30 if sys.platform == "darwin" else rss / 2**20
+    return peak_rss_bytes() / 2**30
 
 
 # ---- loss by document length --------------------------------------------------------

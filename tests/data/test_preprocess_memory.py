@@ -12,13 +12,16 @@ from megatron_longalign.data.synthetic import generate_long_samples
 from tests.conftest import REPO
 
 # Runs one preprocessing job in a fresh interpreter and prints its peak RSS in MB.
+# Its own peak (VmHWM): ru_maxrss would report pytest's peak when that is larger, and
+# the comparison below would then pass whatever preprocessing holds.
 _JOB = """
-import resource, sys
+import sys
 from megatron_longalign.data.preprocess import EncodeSpec, PreprocessConfig, preprocess
+from megatron_longalign.utils.memory import peak_rss_bytes
 data, prefix, tokenizer = sys.argv[1:4]
 spec = EncodeSpec(tokenizer, "llama2")
 preprocess(PreprocessConfig((data,), prefix, spec, workers=1, progress=False))
-print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+print(peak_rss_bytes() / 2**20)
 """
 
 
