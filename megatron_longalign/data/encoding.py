@@ -52,8 +52,6 @@ def loss_mask_from_regions(regions: np.ndarray, length: int) -> np.ndarray:
     return mask
 
 
-_SCAFFOLDING_CACHE_SIZE = 4096  # bounds memory if a template emits varying text (Round N)
-
 # Every role and turn position, so start-up validation sees every special token used.
 _PROBE = Conversation(
     (
@@ -67,6 +65,11 @@ _PROBE = Conversation(
 
 
 class SampleEncoder:
+    """Conversation -> token ids + typed regions, tokenized as at inference (the rules
+    are in data/tokenizer.py): the template's pieces are rendered in order, specials by
+    id, and the text between two specials is encoded whole. Each piece's tokens follow
+    from the tokenizer's character offsets; its kind becomes the tokens' region."""
+
     def __init__(self, tokenizer: TextTokenizer, template: ChatTemplate) -> None:
         self.tokenizer = tokenizer
         self.template = template
@@ -74,13 +77,6 @@ class SampleEncoder:
         for piece in template.pieces(_PROBE):
             if piece.special is not None:
                 self._special_ids[piece.special] = self._resolve(piece.special)
-        # Template scaffolding is a handful of constant strings; encoding them once halves
-        # the tokenizer calls for short chats, where per-call overhead dominates.
-        self._scaffolding_cache: dict[str, np.ndarray] = {}
-        self._special_arrays = {
-            special: np.array([token_id], dtype=TOKEN_DTYPE)
-            for special, token_id in self._special_ids.items()
-        }
 
     def _resolve(self, special: str) -> int:
         tok = self.tokenizer
@@ -104,35 +100,28 @@ class SampleEncoder:
         return self.tokenizer.token_string(self._special_ids[piece.special])
 
     def render(self, conversation: Conversation) -> str:
+        """The conversation as the text an inference server renders for the model."""
         return "".join(self.piece_text(p) for p in self.template.pieces(conversation))
 
     def encode(self, conversation: Conversation) -> EncodedSample:
-        parts: list[np.ndarray] = []
-        regions: list[list[int]] = []
-        targets = 0
-        end = 0
-        encode_text = self.tokenizer.encode_array
-        scaffolding = self._scaffolding_cache
-        for piece in self.template.pieces(conversation):
-            if piece.special is not None:
-                part = self._special_arrays[piece.special]
-            elif piece.kind == RegionKind.TEMPLATE:
-                part = scaffolding.get(piece.text)
-                if part is None:
-                    part = encode_text(piece.text)
-                    if len(scaffolding) < _SCAFFOLDING_CACHE_SIZE:
-                        scaffolding[piece.text] = part
-            else:
-                part = encode_text(piece.text)
-            if not part.size:
-                continue
-            parts.append(part)
-            start, end = end, end + part.size
-            if piece.kind == RegionKind.ASSISTANT:
-                targets += part.size
-            if regions and regions[-1][2] == piece.kind:
-                regions[-1][1] = end
-            else:
-                regions.append([start, end, int(piece.kind)])
-        tokens = np.concatenate(parts).astype(TOKEN_DTYPE, copy=False)
-        return EncodedSample(tokens, np.asarray(regions, dtype=REGION_DTYPE), targets)
+        pieces = self.template.pieces(conversation)
+        items = [p.text if p.special is None else self._special_ids[p.special] for p in pieces]
+        tokens, bounds = self.tokenizer.encode_pieces(items)
+        kinds = np.fromiter((int(p.kind) for p in pieces), dtype=REGION_DTYPE, count=len(pieces))
+        return EncodedSample(
+            tokens.astype(TOKEN_DTYPE, copy=False), regions_from_bounds(bounds, kinds)
+        )
+
+
+def regions_from_bounds(bounds: np.ndarray, kinds: np.ndarray) -> np.ndarray:
+    """(R, 3) regions from per-piece token bounds and kinds: empty pieces dropped,
+    adjacent pieces of one kind merged."""
+    sizes = np.diff(bounds)
+    keep = sizes > 0
+    starts, ends, kinds = bounds[:-1][keep], bounds[1:][keep], kinds[keep]
+    if not kinds.size:
+        return np.zeros((0, 3), dtype=REGION_DTYPE)
+    new_region = np.concatenate([[True], kinds[1:] != kinds[:-1]])
+    first = np.flatnonzero(new_region)
+    last = np.concatenate([first[1:], [kinds.size]]) - 1
+    return np.stack([starts[first], ends[last], kinds[first]], axis=1).astype(REGION_DTYPE)

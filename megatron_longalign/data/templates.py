@@ -10,9 +10,11 @@ at the start of the next turn's header.
 
 User content is split at its last paragraph break ("\n\n") into CONTEXT + USER so that
 later stages (SkipAlign) know where a long context ends and the question starts. Both
-pieces are still prompt, never target.
+pieces are still prompt, never target. Pieces only mark where regions start: the text
+between two special tokens is tokenized whole, as at inference (data/tokenizer.py), and
+a token that straddles two pieces belongs to the piece of its last character.
 
-Contents are used verbatim (no stripping), so `decode(tokens)` reproduces the rendering.
+Contents are used verbatim (no stripping): the rendering is what a server renders.
 """
 
 from __future__ import annotations

@@ -1,14 +1,21 @@
-"""Local tokenizers (sentencepiece `.model` files and Hugging Face tokenizer directories).
+"""Local tokenizers (sentencepiece `.model` files and Hugging Face tokenizer directories),
+used exactly as at inference.
 
-Chat templates are tokenized piece by piece so that loss-mask boundaries always fall on
-token boundaries. That only works if encoding is *concatenation-safe*:
-``decode(encode(a) + encode(b)) == a + b``. Two things usually break it and are
-neutralised here:
-- a dummy/prepended "▁" that sentencepiece-style tokenizers add to every encode call;
-- special-token strings inside user text being matched as control tokens (a prompt could
-  otherwise forge ``<|im_end|>``). Special tokens are only ever emitted by templates, by id.
+Train on what inference sees: a sample's token ids must equal what the tokenizer gives
+for the rendered conversation when vLLM or transformers serve the model. So:
+- special tokens come only from the chat template, by id; a special-token string inside
+  user text stays plain text (a prompt cannot forge `<|im_end|>`);
+- the text between two special tokens is encoded whole, with the tokenizer's own
+  normaliser and prefix-space behaviour (sentencepiece's dummy prefix, Metaspace's
+  `prepend_scheme`, byte-level BPE's regex), never piece by piece;
+- where template scaffolding and contents meet inside such a text, token boundaries come
+  from the tokenizer's own character offsets. A token that straddles two pieces belongs
+  to the piece that holds its last character (e.g. Llama-2's `[/INST] ` + `Sure` is the
+  one token `▁Sure`, which belongs to the answer and so is trained). A token without
+  characters (sentencepiece's dummy `▁`) belongs to the piece at its position.
 
-Nothing here touches the network: files are read from disk only.
+`encode_pieces` is the one entry point for templated samples; `encode` encodes plain text
+as the tokenizer would at inference. Nothing here touches the network.
 """
 
 from __future__ import annotations
@@ -22,31 +29,48 @@ from typing import Any
 
 import numpy as np
 
-# A private-use character: it has no merges in any real vocabulary (it is byte-fallback
-# or unknown), so encoding SENTINEL + text never changes the text's own tokens.
-_SENTINEL = "\ue000"
+# Markers that stand for template special tokens in the text handed to a Hugging Face
+# tokenizer (see HFTokenizer). Supplementary private-use code points: no real text or
+# vocabulary uses them, and a sample that does is refused rather than mis-tokenized.
+_MARKER_BASE = 0xF0000
+_MARKER_COUNT = 0xFFFE  # plane 15's private-use code points
 
 
 class TokenizerError(ValueError):
     """The tokenizer path or its contents are unusable."""
 
 
+class ReservedTextError(ValueError):
+    """A sample contains text this tokenizer wrapper reserves for itself."""
+
+
+def _anchors(starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
+    """Each token's anchor: the offset of its last character, or its start when it has
+    none. The anchor decides which piece a straddling token belongs to."""
+    return np.where(ends > starts, ends - 1, starts)
+
+
 class TextTokenizer:
-    """Interface shared by the backends. Ids are plain Python ints."""
+    """Interface shared by the backends."""
 
     kind: str
     path: str
     vocab_size: int
     bos_id: int | None
     eos_id: int | None
+    fingerprint: str = ""
 
-    def encode(self, text: str) -> list[int]:
-        """Concatenation-safe encoding of plain text (never yields special tokens)."""
+    def encode(self, text: str) -> np.ndarray:
+        """Plain text as the tokenizer encodes it at inference, special-token strings kept
+        as text (int32 ids)."""
         raise NotImplementedError
 
-    def encode_array(self, text: str) -> np.ndarray:
-        """`encode` as an int32 array (backends may produce it without a Python list)."""
-        return np.asarray(self.encode(text), dtype=np.int32)
+    def encode_pieces(self, pieces: Sequence[str | int]) -> tuple[np.ndarray, np.ndarray]:
+        """Token ids of `pieces` rendered in order, as at inference: an int is a special
+        token's id, placed as is; consecutive strings form one text that is encoded
+        whole. Returns `(ids, bounds)` with `len(bounds) == len(pieces) + 1`: piece i owns
+        `ids[bounds[i]:bounds[i + 1]]` (the straddling rule is in the module docstring)."""
+        raise NotImplementedError
 
     def is_special(self, token_id: int) -> bool:
         raise NotImplementedError
@@ -58,30 +82,9 @@ class TextTokenizer:
         """Id of a special token given by its string, or None if the vocabulary lacks it."""
         raise NotImplementedError
 
-    def _decode_text(self, ids: Sequence[int]) -> str:
-        raise NotImplementedError
-
     def decode(self, ids: Sequence[int]) -> str:
-        """Inverse of encoding: text runs decoded, special tokens written as their strings."""
-        parts: list[str] = []
-        run: list[int] = []
-        for token_id in ids:
-            token_id = int(token_id)
-            if self.is_special(token_id):
-                if run:
-                    parts.append(self._decode_text(run))
-                    run = []
-                parts.append(self.token_string(token_id))
-            else:
-                run.append(token_id)
-        if run:
-            parts.append(self._decode_text(run))
-        return "".join(parts)
-
-    def _is_concatenation_safe(self) -> bool:
-        pieces = ("Hello", " world", "\n\nx", "y")
-        ids = [i for piece in pieces for i in self.encode(piece)]
-        return self._decode_text(ids) == "".join(pieces)
+        """Text of `ids` with special tokens written as their strings."""
+        raise NotImplementedError
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -93,15 +96,27 @@ class TextTokenizer:
             "eos_id": self.eos_id,
             "bos_token": None if self.bos_id is None else self.token_string(self.bos_id),
             "eos_token": None if self.eos_id is None else self.token_string(self.eos_id),
-            "adjustments": self.adjustments,
+            "encoding": "inference: text between special tokens encoded whole",
         }
 
-    fingerprint: str = ""
-    # What this wrapper changed relative to the tokenizer's own defaults, for the record.
-    adjustments: list[str]
+
+def _piece_bounds(texts: Sequence[str], to_units) -> np.ndarray:
+    """Start offsets of consecutive texts (plus the end), in the units `to_units` measures."""
+    bounds = np.zeros(len(texts) + 1, dtype=np.int64)
+    np.cumsum([to_units(t) for t in texts], out=bounds[1:])
+    return bounds
 
 
 class SentencePieceTokenizer(TextTokenizer):
+    """A sentencepiece model used as is (dummy prefix, normaliser and whitespace rules
+    included). Text between special tokens is one `encode` call, as in Llama-2's
+    reference code and transformers' slow tokenizers.
+
+    Piece offsets come from sentencepiece's own proto (byte offsets into the input). For
+    models whose normaliser is the identity (Llama-2's), they are computed faster from
+    the pieces' byte lengths, and checked against the input length: any disagreement
+    (an unknown piece, say) falls back to the proto."""
+
     kind = "sentencepiece"
 
     def __init__(self, model_file: str | os.PathLike) -> None:
@@ -116,58 +131,114 @@ class SentencePieceTokenizer(TextTokenizer):
             proto.ParseFromString(blob)
         except Exception as err:  # protobuf raises its own DecodeError type
             raise TokenizerError(f"{model_file} is not a sentencepiece model: {err}") from None
-        self.adjustments = []
-        # The dummy prefix adds "▁" at the start of every encode call and stripping extra
-        # whitespace eats the spaces templates rely on; both break piecewise encoding.
-        if proto.normalizer_spec.add_dummy_prefix:
-            proto.normalizer_spec.add_dummy_prefix = False
-            self.adjustments.append("disabled add_dummy_prefix")
-        if proto.normalizer_spec.remove_extra_whitespaces:
-            proto.normalizer_spec.remove_extra_whitespaces = False
-            self.adjustments.append("disabled remove_extra_whitespaces")
-        self._sp = spm.SentencePieceProcessor(model_proto=proto.SerializeToString())
+        if not proto.pieces:
+            raise TokenizerError(f"{model_file} is not a sentencepiece model: it has no pieces")
+        self._sp = spm.SentencePieceProcessor(model_proto=blob)
         self.vocab_size = self._sp.get_piece_size()
         self.bos_id = self._sp.bos_id() if self._sp.bos_id() >= 0 else None
         self.eos_id = self._sp.eos_id() if self._sp.eos_id() >= 0 else None
         self._control = frozenset(i for i in range(self.vocab_size) if self._sp.is_control(i))
-        self._encode_buffer = None
-        self._native_encoders()
-        if not self._is_concatenation_safe():
-            raise TokenizerError(
-                f"{model_file}: encoding is not concatenation-safe (its normaliser rewrites "
-                "text), so loss masks cannot be aligned to template pieces"
-            )
+        self._ids = self._native_ids_encoder()
+        normalizer = proto.normalizer_spec
+        self._piece_bytes = self._decoded_piece_bytes(proto)
+        self._lengths_are_offsets = (
+            normalizer.name == "identity"
+            and not normalizer.remove_extra_whitespaces
+            and not proto.trainer_spec.treat_whitespace_as_suffix
+            and self._piece_bytes is not None
+        )
 
-    def _native_encoders(self) -> None:
-        """sentencepiece's public `encode_as_ids` spends a large share of a short piece's
-        time in Python argument handling, and building a Python list for a long one. Its
-        native bindings (ids, and ids as a buffer) are used directly when present and
-        verified to agree with the public call; otherwise the public call."""
+    def _native_ids_encoder(self):
+        """sentencepiece's public `encode_as_ids` spends much of a short text's time in
+        Python argument handling and builds a Python list for a long one. Its native
+        ids-as-buffer binding is used when present and verified to agree with it."""
         public = self._sp.encode_as_ids
-        processor = getattr(self._sp, "_processor", None)
-        as_ids = getattr(processor, "_EncodeAsIds", None)
-        as_buffer = getattr(processor, "_EncodeAsBuffer", None)
+        native = getattr(getattr(self._sp, "_processor", None), "_EncodeAsBuffer", None)
         # (text, enable_sampling, nbest_size, alpha, add_bos, add_eos, reverse)
         options = (False, -1, 0.1, False, False, False)
         probes = ("Hello  world\n\n", "x<s>y", "東京 café 123", " ", "")
-        self._encode = public
-        try:
-            if as_ids is not None and all(as_ids(t, *options) == public(t) for t in probes):
-                self._encode = lambda text: as_ids(text, *options)
-            if as_buffer is not None and all(
-                np.asarray(as_buffer(t, *options)).tolist() == public(t) for t in probes
-            ):
-                self._encode_buffer = lambda text: np.asarray(as_buffer(text, *options))
-        except (TypeError, RuntimeError, ValueError):
-            self._encode = public
+        if native is not None:
+            try:
+                if all(np.asarray(native(t, *options)).tolist() == public(t) for t in probes):
+                    return lambda text: np.frombuffer(native(text, *options), dtype=np.int32)
+            except (TypeError, RuntimeError, ValueError):
+                pass
+        return lambda text: np.asarray(public(text), dtype=np.int32)
 
-    def encode_array(self, text: str) -> np.ndarray:
-        if self._encode_buffer is not None:
-            return self._encode_buffer(text)
-        return np.asarray(self._encode(text), dtype=np.int32)
+    def _decoded_piece_bytes(self, proto) -> np.ndarray | None:
+        """UTF-8 length of each piece's text ("▁" as one space; a byte piece is one
+        byte). Pieces whose length in the input is not fixed (unknown, control) get a
+        huge value, so a text holding one fails the length check and takes the proto."""
+        never = 1 << 40
+        lengths = np.full(self.vocab_size, never, dtype=np.int64)
+        for index, piece in enumerate(proto.pieces):
+            if piece.type == piece.NORMAL or piece.type == piece.USER_DEFINED:
+                if piece.type == piece.USER_DEFINED and "\u2581" in piece.piece:
+                    return None  # matched in the escaped text: no fixed input length
+                lengths[index] = len(piece.piece.replace("\u2581", " ").encode("utf-8"))
+            elif piece.type == piece.BYTE:
+                lengths[index] = 1
+        return lengths
 
-    def encode(self, text: str) -> list[int]:
-        return self._encode(text)
+    def encode(self, text: str) -> np.ndarray:
+        return self._ids(text)
+
+    def _encode_with_anchors(self, text: str) -> tuple[np.ndarray, np.ndarray]:
+        """ids and each token's anchor as a byte offset into `text`."""
+        if self._lengths_are_offsets:
+            ids = self._ids(text)
+            if ids.size:
+                ends = np.cumsum(self._piece_bytes[ids])
+                extra = int(ends[-1]) - len(text.encode("utf-8"))
+                # The dummy prefix is the only text sentencepiece adds: one "▁" in front.
+                if extra == 0 or (
+                    extra == 1 and self._sp.id_to_piece(int(ids[0])).startswith("\u2581")
+                ):
+                    ends = np.maximum(ends - extra, 0)
+                    starts = np.concatenate([[0], ends[:-1]])
+                    return ids, _anchors(starts, ends)
+            elif not text.strip():
+                return ids, np.zeros(0, dtype=np.int64)
+        return self._encode_with_proto(text)
+
+    def _encode_with_proto(self, text: str) -> tuple[np.ndarray, np.ndarray]:
+        from sentencepiece import sentencepiece_pb2
+
+        result = sentencepiece_pb2.SentencePieceText.FromString(
+            self._sp.encode(text, out_type="serialized_proto")
+        )
+        count = len(result.pieces)
+        ids = np.fromiter((p.id for p in result.pieces), dtype=np.int32, count=count)
+        starts = np.fromiter((p.begin for p in result.pieces), dtype=np.int64, count=count)
+        ends = np.fromiter((p.end for p in result.pieces), dtype=np.int64, count=count)
+        return ids, _anchors(starts, ends)
+
+    def encode_pieces(self, pieces: Sequence[str | int]) -> tuple[np.ndarray, np.ndarray]:
+        parts: list[np.ndarray] = []
+        bounds = np.zeros(len(pieces) + 1, dtype=np.int64)
+        total = 0
+        index = 0
+        while index < len(pieces):
+            piece = pieces[index]
+            if not isinstance(piece, str):
+                parts.append(np.array([piece], dtype=np.int32))
+                total += 1
+                index += 1
+                bounds[index] = total
+                continue
+            end = index
+            while end < len(pieces) and isinstance(pieces[end], str):
+                end += 1
+            texts = pieces[index:end]
+            ids, anchors = self._encode_with_anchors("".join(texts))
+            starts = _piece_bounds(texts, lambda t: len(t.encode("utf-8")))
+            bounds[index + 1 : end + 1] = total + np.searchsorted(anchors, starts[1:], "left")
+            bounds[end] = total + ids.size  # every token belongs to some piece of the run
+            parts.append(ids)
+            total += ids.size
+            index = end
+        ids = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int32)
+        return ids.astype(np.int32, copy=False), bounds
 
     def is_special(self, token_id: int) -> bool:
         return token_id in self._control
@@ -181,12 +252,34 @@ class SentencePieceTokenizer(TextTokenizer):
             return None
         return token_id
 
-    def _decode_text(self, ids: Sequence[int]) -> str:
-        return self._sp.decode(list(ids))
+    def decode(self, ids: Sequence[int]) -> str:
+        # Text runs are decoded one by one, as they were encoded: each run's dummy
+        # prefix is dropped again.
+        parts: list[str] = []
+        run: list[int] = []
+        for token_id in ids:
+            token_id = int(token_id)
+            if self.is_special(token_id):
+                if run:
+                    parts.append(self._sp.decode(run))
+                    run = []
+                parts.append(self.token_string(token_id))
+            else:
+                run.append(token_id)
+        if run:
+            parts.append(self._sp.decode(run))
+        return "".join(parts)
 
 
 class HFTokenizer(TextTokenizer):
-    """A Hugging Face `tokenizer.json` (+ `tokenizer_config.json`) directory."""
+    """A Hugging Face `tokenizer.json` (+ `tokenizer_config.json`) directory.
+
+    A sample is encoded in one call on its rendered text, which is what inference does.
+    Only one thing differs: each template special token is written as a private marker
+    that a copy of the tokenizer knows as an ordinary added token (with the special
+    token's own strip/normalise flags), while the real special tokens are not matched in
+    text. So the text between specials is split, normalised and pre-tokenized exactly as
+    around the real special token, and a forged `<|im_end|>` in user text stays text."""
 
     kind = "hf"
 
@@ -205,21 +298,19 @@ class HFTokenizer(TextTokenizer):
             self._tok = Tokenizer.from_file(str(directory / "tokenizer.json"))
         except Exception as err:  # the Rust side raises a generic Exception
             raise TokenizerError(f"cannot load {directory / 'tokenizer.json'}: {err}") from None
-        self.adjustments = []
-        # Special-token strings inside user text must stay text (see module docstring).
-        self._tok.encode_special_tokens = True
+        # Inference encodes whole prompts: no truncation or padding a tokenizer.json may
+        # carry, and no post-processor (with add_special_tokens=False it only trims
+        # offsets, and the straddling rule needs the untrimmed ones).
+        self._tok.no_truncation()
+        self._tok.no_padding()
+        self._tok.post_processor = None
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
-        self._special = frozenset(
-            token_id
-            for token_id, added in self._tok.get_added_tokens_decoder().items()
-            if added.special
-        )
+        added = self._tok.get_added_tokens_decoder()
+        self._special = frozenset(token_id for token_id, token in added.items() if token.special)
         config = _read_special_token_config(directory)
         self.bos_id = self._configured_id(config.get("bos_token"), "bos_token")
         self.eos_id = self._configured_id(config.get("eos_token"), "eos_token")
-        self._strip_prefix_ids: list[int] = []
-        self._sentinel_decode_ids: list[int] = []
-        self._make_concatenation_safe()
+        self._marked = self._marked_copy(added)
 
     def _configured_id(self, token: str | None, field: str) -> int | None:
         if token is None:
@@ -229,31 +320,74 @@ class HFTokenizer(TextTokenizer):
             raise TokenizerError(f"{self.path}: {field} {token!r} is not in the vocabulary")
         return token_id
 
-    def _raw_encode(self, text: str) -> list[int]:
-        return self._tok.encode(text, add_special_tokens=False).ids
+    def _marked_copy(self, added: dict) -> tuple[Any, dict[int, str], np.ndarray]:
+        """(tokenizer copy, special id -> marker string, marker id -> special id map)."""
+        from tokenizers import AddedToken, Tokenizer
 
-    def _make_concatenation_safe(self) -> None:
-        if self._is_concatenation_safe():
-            return
-        # Metaspace-style tokenizers prepend "▁" on every call and strip it when decoding.
-        # Encoding SENTINEL+text and dropping SENTINEL's ids keeps the text's own tokens.
-        self._strip_prefix_ids = self._raw_encode(_SENTINEL)
-        self._sentinel_decode_ids = self._strip_prefix_ids
-        if not self._is_concatenation_safe():
-            raise TokenizerError(
-                f"{self.path}: this tokenizer is not concatenation-safe even with a sentinel "
-                "prefix, so loss masks cannot be aligned to template pieces"
+        copy = Tokenizer.from_str(self._tok.to_str())
+        copy.encode_special_tokens = True  # real special tokens are text now
+        markers: dict[int, str] = {}
+        new_tokens = []
+        specials = sorted(self._special | ({self.bos_id, self.eos_id} - {None}))
+        if len(specials) > _MARKER_COUNT:
+            raise TokenizerError(f"{self.path}: more than {_MARKER_COUNT} special tokens")
+        for offset, token_id in enumerate(specials):
+            token = added.get(token_id)
+            marker = chr(_MARKER_BASE + offset)
+            markers[token_id] = marker
+            new_tokens.append(
+                AddedToken(
+                    marker,
+                    single_word=bool(token and token.single_word),
+                    lstrip=bool(token and token.lstrip),
+                    rstrip=bool(token and token.rstrip),
+                    normalized=bool(token and token.normalized),
+                    special=False,
+                )
             )
-        self.adjustments.append("strips the per-call prefix space via a sentinel character")
+        copy.add_tokens(new_tokens)
+        remap = np.arange(copy.get_vocab_size(with_added_tokens=True), dtype=np.int32)
+        for token_id, marker in markers.items():
+            marker_id = copy.token_to_id(marker)
+            if marker_id is None:
+                raise TokenizerError(f"{self.path}: cannot register the marker for id {token_id}")
+            remap[marker_id] = token_id
+        # Added last, so the markers have the largest ids of the copy.
+        self._first_marker_id = min(copy.token_to_id(m) for m in markers.values())
+        return copy, markers, remap
 
-    def encode(self, text: str) -> list[int]:
-        if not self._strip_prefix_ids:
-            return self._raw_encode(text)
-        ids = self._raw_encode(_SENTINEL + text)
-        prefix = self._strip_prefix_ids
-        if ids[: len(prefix)] != prefix:
-            raise TokenizerError(f"{self.path}: sentinel prefix merged with text {text[:20]!r}")
-        return ids[len(prefix) :]
+    def encode(self, text: str) -> np.ndarray:
+        ids, _ = self.encode_pieces([text])
+        return ids
+
+    def encode_pieces(self, pieces: Sequence[str | int]) -> tuple[np.ndarray, np.ndarray]:
+        copy, markers, remap = self._marked
+        texts = []
+        for piece in pieces:
+            if isinstance(piece, str):
+                texts.append(piece)
+            else:
+                marker = markers.get(int(piece))
+                if marker is None:
+                    raise ValueError(f"{self.path}: token id {piece} is not a special token")
+                texts.append(marker)
+        text = "".join(texts)
+        encoding = copy.encode(text, add_special_tokens=False)
+        raw = np.asarray(encoding.ids, dtype=np.int64)
+        expected_markers = len(pieces) - sum(isinstance(p, str) for p in pieces)
+        if int((raw >= self._first_marker_id).sum()) != expected_markers:
+            raise ReservedTextError(
+                f"the text contains a character from U+{_MARKER_BASE:X}..U+"
+                f"{_MARKER_BASE + _MARKER_COUNT - 1:X}, which this tokenizer wrapper reserves "
+                "to mark special tokens"
+            )
+        ids = remap[raw]
+        starts = _piece_bounds(texts, len)
+        bounds = np.empty(len(pieces) + 1, dtype=np.int64)
+        bounds[0] = 0
+        bounds[1:-1] = [_first_token_at(encoding, ids.size, int(s)) for s in starts[1:-1]]
+        bounds[-1] = ids.size
+        return ids, bounds
 
     def is_special(self, token_id: int) -> bool:
         return token_id in self._special
@@ -265,12 +399,23 @@ class HFTokenizer(TextTokenizer):
         token_id = self._tok.token_to_id(token)
         return token_id if token_id is not None and token_id in self._special else None
 
-    def _decode_text(self, ids: Sequence[int]) -> str:
-        prefix = self._sentinel_decode_ids
-        text = self._tok.decode(prefix + list(ids), skip_special_tokens=False)
-        if prefix:
-            return text[len(_SENTINEL) :] if text.startswith(_SENTINEL) else text
-        return text
+    def decode(self, ids: Sequence[int]) -> str:
+        return self._tok.decode([int(i) for i in ids], skip_special_tokens=False)
+
+
+def _first_token_at(encoding, count: int, char: int) -> int:
+    """The number of tokens whose anchor is before character `char` (binary search over
+    the encoding's offsets: converting all of them to Python would double the cost)."""
+    low, high = 0, count
+    while low < high:
+        middle = (low + high) // 2
+        start, end = encoding.token_to_chars(middle)
+        anchor = end - 1 if end > start else start
+        if anchor < char:
+            low = middle + 1
+        else:
+            high = middle
+    return low
 
 
 def load_tokenizer(path: str | os.PathLike) -> TextTokenizer:

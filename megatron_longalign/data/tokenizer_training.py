@@ -22,6 +22,11 @@ TEMPLATE_SPECIAL_TOKENS = (
     "<|im_end|>",
     "<|endoftext|>",
 )
+# Llama-3's pre-tokenizer regex (Qwen2's differs only in splitting digits one by one).
+LLAMA3_SPLIT_REGEX = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
 # Template scaffolding text, so the tokenizer learns compact pieces for it.
 SCAFFOLDING_TEXT = (
     "[INST] <<SYS>>\n\n<</SYS>>\n\n [/INST] ",
@@ -31,12 +36,30 @@ SCAFFOLDING_TEXT = (
 
 
 def train_sentencepiece(
-    lines: Iterable[str], output: str | os.PathLike, vocab_size: int = 2048
+    lines: Iterable[str],
+    output: str | os.PathLike,
+    vocab_size: int = 2048,
+    normalization: str = "identity",
 ) -> Path:
-    """A BPE sentencepiece model with byte fallback (lossless on any text), no dummy
-    prefix and identity normalisation, written atomically to `output`."""
+    """A BPE sentencepiece model with byte fallback, written atomically to `output`.
+
+    normalization="identity": no dummy prefix, no whitespace rewriting, identity
+    normaliser (lossless on any text). normalization="default": sentencepiece's own
+    defaults (the `nmt_nfkc` normaliser, a dummy prefix, extra whitespace removed), as
+    many published models have."""
     import sentencepiece as spm
 
+    if normalization == "identity":
+        normaliser = {
+            "add_dummy_prefix": False,
+            "remove_extra_whitespaces": False,
+            "normalization_rule_name": "identity",
+            "allow_whitespace_only_pieces": True,
+        }
+    elif normalization == "default":
+        normaliser = {}
+    else:
+        raise ValueError(f"unknown normalization {normalization!r}")
     buffer = io.BytesIO()
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(list(SCAFFOLDING_TEXT) * 50 + list(lines)),
@@ -46,10 +69,7 @@ def train_sentencepiece(
         character_coverage=1.0,
         byte_fallback=True,
         split_digits=True,
-        add_dummy_prefix=False,
-        remove_extra_whitespaces=False,
-        normalization_rule_name="identity",
-        allow_whitespace_only_pieces=True,
+        **normaliser,
         unk_id=0,
         bos_id=1,
         eos_id=2,
@@ -72,39 +92,65 @@ def train_hf_bpe(
 ) -> Path:
     """A Hugging Face BPE tokenizer directory (tokenizer.json + tokenizer_config.json).
 
-    style="byte_level" mimics Llama-3/Qwen (GPT-2 byte-level pre-tokenizer);
-    style="metaspace" mimics HF Llama-2/Mistral ("▁" prepended to the first word)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    Styles, after the published tokenizers they imitate:
+    - "byte_level": GPT-2's byte-level pre-tokenizer and regex;
+    - "llama3_regex": byte-level BPE split by Llama-3's (and Qwen2's) regex;
+    - "metaspace": HF Llama-2/Mistral (Metaspace, "▁" prepended to the first word);
+    - "llama2_legacy": the older HF Llama-2 layout, a normaliser that prepends "▁" to
+      every text between special tokens and replaces spaces, with no pre-tokenizer."""
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
     bos, eos, unk = "<s>", "</s>", "<unk>"
     specials = [unk, bos, eos, *special_tokens]
+    byte_pieces = [f"<0x{b:02X}>" for b in range(256)]
     if style == "byte_level":
         tokenizer = Tokenizer(models.BPE())
         tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         tokenizer.decoder = decoders.ByteLevel()
-        alphabet = pre_tokenizers.ByteLevel.alphabet()
+    elif style == "llama3_regex":
+        tokenizer = Tokenizer(models.BPE())
+        tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.Split(Regex(LLAMA3_SPLIT_REGEX), behavior="isolated"),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+            ]
+        )
+        tokenizer.decoder = decoders.ByteLevel()
     elif style == "metaspace":
         tokenizer = Tokenizer(models.BPE(unk_token=unk, byte_fallback=True))
         tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="first")
         tokenizer.decoder = decoders.Sequence(
             [decoders.Metaspace(prepend_scheme="first"), decoders.ByteFallback(), decoders.Fuse()]
         )
-        alphabet = [f"<0x{b:02X}>" for b in range(256)]
+    elif style == "llama2_legacy":
+        tokenizer = Tokenizer(models.BPE(unk_token=unk, byte_fallback=True))
+        tokenizer.normalizer = normalizers.Sequence(
+            [normalizers.Prepend("\u2581"), normalizers.Replace(" ", "\u2581")]
+        )
+        tokenizer.decoder = decoders.Sequence(
+            [
+                decoders.Replace("\u2581", " "),
+                decoders.ByteFallback(),
+                decoders.Fuse(),
+                decoders.Strip(" ", 1, 0),
+            ]
+        )
     else:
         raise ValueError(f"unknown style {style!r}")
+    byte_level = style in ("byte_level", "llama3_regex")
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
         special_tokens=specials,
-        initial_alphabet=alphabet if style == "byte_level" else [],  # bytes added below
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet() if byte_level else [],
         show_progress=False,
     )
     tokenizer.train_from_iterator(list(SCAFFOLDING_TEXT) * 50 + list(lines), trainer=trainer)
     spec = json.loads(tokenizer.to_str())
-    if style == "metaspace":
+    if not byte_level:
         # Byte fallback needs the <0xXX> pieces in the model vocabulary itself, which the
         # trainer does not do; append them so any text stays lossless.
         vocab = spec["model"]["vocab"]
-        for piece in alphabet:
+        for piece in byte_pieces:
             vocab.setdefault(piece, len(vocab))
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
