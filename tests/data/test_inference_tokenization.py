@@ -293,3 +293,45 @@ def test_sentencepiece_default_model_really_normalises(paths):
     tokenizer = load_tokenizer(paths["sp_default"])
     assert not tokenizer._lengths_are_offsets  # offsets come from sentencepiece's proto
     assert np.array_equal(tokenizer.encode("ＡＢ"), tokenizer.encode("AB"))
+
+
+@pytest.mark.parametrize("kind", sorted(LOSSLESS))
+@pytest.mark.parametrize("template", sorted(TEMPLATES))
+def test_regions_decode_to_their_contents(paths, kind, template):
+    """Each region decodes to its pieces' text, except at a straddling token: the region
+    that gets it starts a little early (the space of `▁Sure`), the one before ends a
+    little early (GPT-2 keeps ` ` + `\n\n` together). Answers end exactly: their closing
+    special token cannot straddle."""
+    tokenizer = load_tokenizer(paths[kind])
+    encoder = SampleEncoder(tokenizer, get_template(template))
+    for record in HAND_WRITTEN:
+        conversation = conversation_from_record(record)
+        rendered = encoder.render(conversation)
+        sample = encoder.encode(conversation)
+        _, offsets = reference_encoding(kind, paths[kind], rendered)
+        # Character span of each region's own pieces: consecutive pieces of one kind.
+        spans: list[list] = []
+        position = 0
+        for piece in encoder.template.pieces(conversation):
+            text = encoder.piece_text(piece)
+            if text and spans and spans[-1][2] == piece.kind:
+                spans[-1][1] = position + len(text)
+            elif text:
+                spans.append([position, position + len(text), piece.kind])
+            position += len(text)
+        assert len(spans) == len(sample.regions)
+        for (first, end, kind_), (start_char, end_char, piece_kind) in zip(
+            sample.regions.tolist(), spans, strict=True
+        ):
+            assert kind_ == piece_kind
+            token_start, token_end = offsets[first][0], offsets[end - 1][1]
+            assert (
+                tokenizer.decode(sample.tokens[first:end].tolist())
+                == (rendered[token_start:token_end])
+            )
+            # Starts early only inside a straddling first token.
+            assert token_start == start_char or token_start < start_char < offsets[first][1]
+            if token_end < end_char:  # what it lacks is in the next region's first token
+                assert offsets[end][0] <= token_end and offsets[end][1] >= end_char
+            if kind_ == RegionKind.ASSISTANT:
+                assert token_end == end_char  # it ends with its own special token
