@@ -204,9 +204,11 @@ class SentencePieceTokenizer(TextTokenizer):
     def _encode_with_proto(self, text: str) -> tuple[np.ndarray, np.ndarray]:
         from sentencepiece import sentencepiece_pb2
 
-        result = sentencepiece_pb2.SentencePieceText.FromString(
-            self._sp.encode(text, out_type="serialized_proto")
-        )
+        try:
+            serialized = self._sp.encode(text, out_type="serialized_proto")
+        except (TypeError, ValueError):  # releases before `out_type="serialized_proto"`
+            serialized = self._sp.EncodeAsSerializedProto(text)
+        result = sentencepiece_pb2.SentencePieceText.FromString(serialized)
         count = len(result.pieces)
         ids = np.fromiter((p.id for p in result.pieces), dtype=np.int32, count=count)
         starts = np.fromiter((p.begin for p in result.pieces), dtype=np.int64, count=count)
