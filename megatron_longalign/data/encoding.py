@@ -77,6 +77,7 @@ class SampleEncoder:
         for piece in template.pieces(_PROBE):
             if piece.special is not None:
                 self._special_ids[piece.special] = self._resolve(piece.special)
+        self.encode(_PROBE)  # a tokenizer that cannot encode this template fails here, once
 
     def _resolve(self, special: str) -> int:
         tok = self.tokenizer

@@ -356,6 +356,16 @@ class HFTokenizer(TextTokenizer):
             remap[marker_id] = token_id
         # Added last, so the markers have the largest ids of the copy.
         self._first_marker_id = min(copy.token_to_id(m) for m in markers.values())
+        # A special token flagged `normalized` is matched in normalised text; if the
+        # normaliser rewrites it (Prepend("▁")), inference cannot produce it either.
+        self._unplaceable = {
+            token_id: self._tok.id_to_token(token_id)
+            for token_id, marker in markers.items()
+            if copy.encode(f"x{marker}x", add_special_tokens=False).ids.count(
+                copy.token_to_id(marker)
+            )
+            != 1
+        }
         return copy, markers, remap
 
     def encode(self, text: str) -> np.ndarray:
@@ -372,6 +382,14 @@ class HFTokenizer(TextTokenizer):
                 marker = markers.get(int(piece))
                 if marker is None:
                     raise ValueError(f"{self.path}: token id {piece} is not a special token")
+                if int(piece) in self._unplaceable:
+                    raise TokenizerError(
+                        f"{self.path}/tokenizer.json: the special token "
+                        f'{self._unplaceable[int(piece)]!r} is marked "normalized": true and '
+                        "the normaliser rewrites it, so a rendered prompt never contains it, "
+                        'at inference either; set "normalized": false for it in '
+                        "tokenizer.json"
+                    )
                 texts.append(marker)
         text = "".join(texts)
         encoding = copy.encode(text, add_special_tokens=False)

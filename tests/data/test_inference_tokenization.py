@@ -335,3 +335,38 @@ def test_regions_decode_to_their_contents(paths, kind, template):
                 assert offsets[end][0] <= token_end and offsets[end][1] >= end_char
             if kind_ == RegionKind.ASSISTANT:
                 assert token_end == end_char  # it ends with its own special token
+
+
+def _with_normalized_specials(source: str, target) -> str:
+    import json
+    import shutil
+
+    shutil.copytree(source, target)
+    spec = json.loads((target / "tokenizer.json").read_text())
+    for token in spec["added_tokens"]:
+        token["normalized"] = True
+    (target / "tokenizer.json").write_text(json.dumps(spec))
+    return str(target)
+
+
+@pytest.mark.parametrize("kind", ["hf_gpt2", "hf_metaspace"])
+def test_special_tokens_matched_in_normalised_text(paths, kind, tmp_path):
+    """Special tokens flagged `normalized` are matched after normalisation at inference;
+    the markers that stand for them are too."""
+    path = _with_normalized_specials(paths[kind], tmp_path / "tok")
+    for template in sorted(TEMPLATES):
+        encoder = SampleEncoder(load_tokenizer(path), get_template(template))
+        for record in HAND_WRITTEN:
+            conversation = conversation_from_record(record)
+            ids, _ = reference_encoding(kind, path, encoder.render(conversation))
+            assert encoder.encode(conversation).tokens.tolist() == ids
+
+
+def test_special_token_the_normaliser_rewrites_is_refused(paths, tmp_path):
+    """With a `normalized` special token and a normaliser that prepends "▁", a rendered
+    prompt never yields that token, at inference either: refused, with the fix."""
+    from megatron_longalign.data.tokenizer import TokenizerError
+
+    path = _with_normalized_specials(paths["hf_llama2_legacy"], tmp_path / "tok")
+    with pytest.raises(TokenizerError, match=r'tokenizer\.json.*"normalized": false'):
+        SampleEncoder(load_tokenizer(path), get_template("llama2"))
