@@ -163,10 +163,18 @@ requeue() {
     fi
 }
 
-"${config_cmd[@]}" > "$ATTEMPT_DIR/config.yaml"
-if [[ -n "$caught" ]]; then  # signalled before the training started: nothing to save
+config_status=0
+"${config_cmd[@]}" > "$ATTEMPT_DIR/config.yaml" || config_status=$?
+# Signalled before the training started, nothing to save: this shell (the trap), or the
+# config task itself (e.g. `scancel --signal=USR1`), which then exits 75.
+if [[ "$config_status" -eq "$PREEMPTED_EXIT_CODE" || ("$config_status" -eq 0 && -n "$caught") ]]; then
+    echo "preempted before the training started: nothing to save"
     requeue
     exit "$PREEMPTED_EXIT_CODE"
+fi
+if [[ "$config_status" -ne 0 ]]; then  # e.g. 2: a configuration error; a retry would fail too
+    echo "the config step failed with status $config_status: not requeued" >&2
+    exit "$config_status"
 fi
 
 "${train_cmd[@]}" &

@@ -81,6 +81,79 @@ def test_exit_code_matches_the_launcher():
     assert f"readonly PREEMPTED_EXIT_CODE={preemption.PREEMPTED_EXIT_CODE}" in script
 
 
+# ---- start-up: install_early(), then the configured set ---------------------------------
+
+
+def handlers(*signums: int) -> dict[int, object]:
+    return {s: signal.getsignal(s) for s in signums}
+
+
+def test_install_early_keeps_a_signal_for_the_configured_set():
+    before = handlers(signal.SIGUSR1, signal.SIGTERM, signal.SIGUSR2)
+    assert preemption.install_early()  # the defaults: SIGUSR1 and SIGTERM
+    assert not preemption.install_early()  # once
+    os.kill(os.getpid(), signal.SIGUSR1)  # during the imports
+    time.sleep(0.01)
+    assert preemption.pending_before_start() == "SIGUSR1"
+    # The config handles SIGUSR1 and SIGUSR2, not SIGTERM.
+    assert preemption.install(["SIGUSR1", "SIGUSR2"])
+    assert preemption.pending_before_start() is None  # settled
+    assert preemption.received_signal() == "SIGUSR1"  # kept: stops at the first step boundary
+    assert preemption.stop_requested(step=0)
+    assert signal.getsignal(signal.SIGTERM) == before[signal.SIGTERM]  # given back
+    assert signal.getsignal(signal.SIGUSR2) != before[signal.SIGUSR2]  # caught from now on
+    assert not preemption.install(["SIGUSR1"])  # settled: idempotent again
+    with preemption.handling():  # the Trainer's: a no-op, the signal is kept
+        assert preemption.received_signal() == "SIGUSR1"
+    preemption.uninstall()
+    assert handlers(*before) == before
+
+
+def test_an_empty_configured_set_gives_every_signal_back():
+    before = handlers(signal.SIGUSR1, signal.SIGTERM)
+    preemption.install_early()
+    assert not preemption.install([])  # train.preemption_signals=[]: the default actions
+    assert not preemption.installed() and handlers(*before) == before
+    assert preemption.pending_before_start() is None
+
+
+def test_a_start_up_signal_the_config_does_not_handle_takes_its_default_action():
+    # What the signal would have done without the early handler, once the config is known.
+    script = (
+        "import os, signal, time\n"
+        "from megatron_longalign.training import preemption\n"
+        "preemption.install_early()\n"
+        "os.kill(os.getpid(), signal.SIGTERM)\n"
+        "time.sleep(0.05)\n"
+        "print('recorded', preemption.pending_before_start(), flush=True)\n"
+        "preemption.install(['SIGUSR1'])\n"
+        "print('still alive')\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script], cwd=REPO, env=worker_env(), capture_output=True, text=True
+    )
+    assert result.returncode == -signal.SIGTERM, result
+    assert "recorded SIGTERM" in result.stdout and "still alive" not in result.stdout
+    assert "SIGTERM during start-up; it is not in train.preemption_signals" in result.stderr
+
+
+def test_the_early_handlers_come_before_any_slow_import():
+    # preemption imports no torch, and importing the entry point (not running it) installs
+    # nothing.
+    script = (
+        "import signal, sys\n"
+        "from megatron_longalign.training import preemption\n"
+        "assert 'torch' not in sys.modules and 'hydra' not in sys.modules, sorted(sys.modules)\n"
+        "import megatron_longalign.train\n"
+        "assert signal.getsignal(signal.SIGUSR1) == signal.SIG_DFL\n"
+        "assert not preemption.installed()\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script], cwd=REPO, env=worker_env(), capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr
+
+
 # ---- warmup as a fraction ----------------------------------------------------------------
 
 
