@@ -23,6 +23,9 @@ Exit status:
   through the imports and the build: the run then stops before its first step, with
   nothing to save. In the modes that only print (`--cfg`, `--info`), a default signal
   exits 75 at the end as well.
+- 1 (`CHECKPOINT_ERROR_EXIT_CODE`): a checkpoint cannot be used (training/checkpoint.py
+  `CheckpointError`: damaged, or a resume that would overwrite newer checkpoints); one
+  message that names the checkpoint and what to run instead, no traceback.
 - 1: anything else (a crash; Hydra prints the traceback).
 """
 
@@ -50,6 +53,7 @@ from megatron_longalign.config.training import register_configs, to_config  # no
 log = logging.getLogger("megatron_longalign.train")
 
 CONFIG_ERROR_EXIT_CODE = 2
+CHECKPOINT_ERROR_EXIT_CODE = 1
 
 register_configs()  # the schema must be in the ConfigStore before hydra.main composes
 
@@ -72,6 +76,7 @@ def main(cfg: DictConfig) -> None:
     warnings.filterwarnings("ignore", message=".*is not a leaf Tensor is being accessed.*")
     from megatron_longalign.config.validate import ConfigError
     from megatron_longalign.parallel.distributed import destroy_distributed
+    from megatron_longalign.training.checkpoint import CheckpointError
     from megatron_longalign.training.trainer import Trainer
 
     try:
@@ -89,6 +94,9 @@ def main(cfg: DictConfig) -> None:
     except ConfigError as err:
         log.error("%s", err)  # the message says what to change; a traceback would not
         raise SystemExit(CONFIG_ERROR_EXIT_CODE) from err
+    except CheckpointError as err:  # damaged, or would overwrite: the message says what to do
+        log.error("%s", err)
+        raise SystemExit(CHECKPOINT_ERROR_EXIT_CODE) from err
     try:
         history = trainer.train()
         if trainer.is_rank0 and history:
@@ -108,6 +116,9 @@ def main(cfg: DictConfig) -> None:
                 preemption.PREEMPTED_EXIT_CODE,
                 trainer.resumed_from or "the beginning",
             )
+    except CheckpointError as err:  # a save refused (it would overwrite a checkpoint) or failed
+        log.error("%s", err)
+        raise SystemExit(CHECKPOINT_ERROR_EXIT_CODE) from err
     finally:
         destroy_distributed()
     if trainer.preempted:  # saved; the launcher requeues on this status (docs/CLUSTER.md)

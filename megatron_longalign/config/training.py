@@ -97,9 +97,15 @@ class TrainConfig:
     save_interval: int = 0
     # Complete checkpoints to keep (null = all).
     keep_last: int | None = 3
-    # auto: continue from checkpoint_dir's `latest` if there is one | never | a path (a
-    # step_<N> checkpoint directory, or a checkpoint root with a `latest` file).
-    resume: str = "auto"
+    # Where the run continues from (training/checkpoint.py resolve_resume, docs/TRAINING.md):
+    # auto: the checkpoint checkpoint_dir/latest names, else the newest complete step_<N>
+    #   there (said in the log), else a fresh start |
+    # never (or none, or null): a fresh start |
+    # a path: a step_<N> checkpoint directory, or a checkpoint root (resolved as auto).
+    # A damaged checkpoint stops the run (exit 1) with the one to use instead; so does a
+    # resume point older than a complete checkpoint in checkpoint_dir (it would be
+    # overwritten): no complete checkpoint is ever overwritten.
+    resume: str | None = "auto"
     # Initial weights for a run that does not resume: a checkpoint directory or root
     # (e.g. `tools/convert_hf.py import` output). Model weights only, any saved layout;
     # optimizer, scheduler and data position start fresh. Ignored when resuming.
@@ -111,7 +117,10 @@ class TrainConfig:
 
 
 WANDB_MODES = ("auto", "online", "offline", "disabled")
-RESUME_KEYWORDS = ("auto", "never")
+# train.resume values that are not paths; null means never as well.
+RESUME_AUTO = "auto"
+RESUME_FRESH = ("never", "none")
+RESUME_KEYWORDS = (RESUME_AUTO, *RESUME_FRESH)
 
 
 @dataclass

@@ -23,6 +23,7 @@ from megatron_longalign.config.training import (
     PRECISIONS,
     RECOMPUTE_GRANULARITIES,
     RECOMPUTE_METHODS,
+    RESUME_KEYWORDS,
     WANDB_MODES,
     LongAlignConfig,
 )
@@ -331,8 +332,7 @@ def _train_problems(config: LongAlignConfig, world_size: int) -> list[str]:
         )
     if train.keep_last is not None and train.keep_last < 1:
         problems.append(f"train.keep_last must be >= 1 or null (keep all), got {train.keep_last}")
-    if not train.resume:
-        problems.append("train.resume must be auto, never or a checkpoint path; got ''")
+    problems += _resume_problems(train.resume)
     for name in train.preemption_signals:
         problems += _caught(lambda name=name: signal_number(name), "train.preemption_signals: ")
     if train.checkpoint_dir is None and train.save_interval:
@@ -342,6 +342,22 @@ def _train_problems(config: LongAlignConfig, world_size: int) -> list[str]:
         )
     problems += _recompute_problems(config)
     return problems
+
+
+def _resume_problems(resume: str | None) -> list[str]:
+    """train.resume: a keyword, null, or a path that exists (a typo such as `Auto` or a
+    mistyped directory is reported here, before anything is built)."""
+    if resume is None or resume in RESUME_KEYWORDS:
+        return []
+    choices = (
+        "auto (checkpoint_dir/latest, else the newest complete step_<N>), never/none/null "
+        "(start fresh), or the path of a step_<N> checkpoint directory or a checkpoint root"
+    )
+    if not resume.strip():
+        return [f"train.resume must be one of: {choices}; got {resume!r}"]
+    if not Path(resume).exists():
+        return [f"train.resume={resume!r}: no such file or directory; use {choices}"]
+    return []
 
 
 def _recompute_problems(config: LongAlignConfig) -> list[str]:

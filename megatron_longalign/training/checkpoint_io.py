@@ -19,6 +19,7 @@ default load strategy reads it on GPU or CPU, and it reshards to any TP/PP layou
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import torch
@@ -77,8 +78,30 @@ def save_sharded(sharded_state_dict: dict, directory: str | Path) -> None:
 def load_sharded(sharded_state_dict: dict, directory: str | Path) -> dict:
     """Load `directory` into the layout `sharded_state_dict` describes (which may differ
     from the layout it was saved with). Collective. Returns a state dict of this rank's
-    tensors for `module.load_state_dict`."""
+    tensors for `module.load_state_dict`. Errors propagate (the caller names the
+    checkpoint); torch's own traceback-printing warning about unreadable DCP metadata
+    is dropped (see `_DropMetadataFallbackWarnings`)."""
     directory = Path(directory)
     if not (directory / "metadata.json").is_file():
         raise FileNotFoundError(f"{directory} is not a complete dist checkpoint (no metadata.json)")
-    return dist_checkpointing.load(sharded_state_dict, str(directory))
+    root = logging.getLogger()
+    drop = _DropMetadataFallbackWarnings()
+    root.addFilter(drop)
+    try:
+        return dist_checkpointing.load(sharded_state_dict, str(directory))
+    finally:
+        root.removeFilter(drop)
+
+
+class _DropMetadataFallbackWarnings(logging.Filter):
+    """torch's DCP loader logs "Global metadata is not found. Falling back to rank local
+    metadata." with exc_info on the root logger when `.metadata` cannot be read (e.g. it
+    is damaged): a full traceback before the error the load raises anyway. We always
+    write global metadata, so the fallback never helps; drop those records."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (
+            record.levelno == logging.WARNING
+            and "torch/distributed/checkpoint" in record.pathname.replace("\\", "/")
+            and "metadata is not found" in record.getMessage()
+        )

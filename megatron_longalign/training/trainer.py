@@ -69,6 +69,7 @@ from megatron_longalign.training.checkpoint import (
     CheckpointManager,
     TrainingState,
     read_marker,
+    resolve_resume,
 )
 from megatron_longalign.training.logger import LoggingConfig as MetricsLoggingConfig
 from megatron_longalign.training.logger import MetricsLogger
@@ -435,28 +436,13 @@ class Trainer:
     # ---- checkpoints ---------------------------------------------------------------------
 
     def _find_resume_path(self) -> Path | None:
-        """Rank 0's reading of `train.resume`: auto -> checkpoint_dir's `latest` (None
-        when nothing was saved yet), never -> None, else a checkpoint directory or a
-        checkpoint root with a `latest` file."""
-        resume = self.config.train.resume
-        if resume == "never":
-            if self.checkpoints is not None and (self.checkpoints.root / "latest").exists():
-                log.warning(
-                    "train.resume=never: starting fresh although %s has checkpoints",
-                    self.checkpoints.root,
-                )
-            return None
-        if resume == "auto":
-            return self.checkpoints.latest() if self.checkpoints is not None else None
-        path = Path(resume)
-        if (path / MARKER).is_file():
-            return path
-        if (path / "latest").is_file():
-            return CheckpointManager(path).latest()
-        raise CheckpointError(
-            f"train.resume={resume!r} is neither a complete checkpoint (no {MARKER}) nor a "
-            "checkpoint root with a `latest` file; use auto, never, or such a path"
-        )
+        """Rank 0's reading of `train.resume` (checkpoint.resolve_resume): auto -> the
+        checkpoint `latest` names, else the newest complete step_<N> (said in the log);
+        never/none/null -> None; else a checkpoint directory or root. Refuses damaged
+        checkpoints and, so that no complete checkpoint is ever overwritten, a resume
+        point older than a complete checkpoint in checkpoint_dir."""
+        root = self.checkpoints.root if self.checkpoints is not None else None
+        return resolve_resume(self.config.train.resume, root)
 
     def _resume(self) -> Path | None:
         """Restore model, optimizer, scheduler, RNG and data position if `train.resume`

@@ -14,7 +14,12 @@ from pathlib import Path
 import pytest
 
 from megatron_longalign.data.planner import PlanPosition
-from megatron_longalign.training.checkpoint import MARKER, CheckpointManager, read_marker
+from megatron_longalign.training.checkpoint import (
+    MARKER,
+    CheckpointError,
+    CheckpointManager,
+    read_marker,
+)
 from megatron_longalign.training.trainer import Trainer
 from tests.parallel.launch import REPO, worker_env
 from tests.training.workers.common import Recorder, read_losses, tiny_training_config
@@ -144,8 +149,13 @@ def test_save_schedule_position_and_resume_in_process(sample_prefixes, tmp_path)
     assert resumed.wandb_run_id == "abc-123"
     assert resumed.scheduler.num_steps == trainer.scheduler.num_steps
 
-    # resume=never starts from scratch; an explicit path loads that checkpoint.
+    # resume=never starts from scratch; an explicit path loads that checkpoint. Both into
+    # another checkpoint_dir: in this one they would overwrite steps 2 and 4, and the
+    # Trainer refuses (tests/training_checkpoint/test_integrity.py).
     config.train.resume = "never"
+    with pytest.raises(CheckpointError, match="already has complete checkpoints"):
+        Trainer(config)
+    config.train.checkpoint_dir = str(tmp_path / "other")
     assert Trainer(config).state.step == 0
     config.train.resume = str(ckpt / "step_00000002")
     assert Trainer(config).state.step == 2

@@ -1,5 +1,6 @@
 """The commit protocol's file operations, `latest` and pruning, and the pre-load
-checks, without processes or megatron (fake checkpoint directories)."""
+checks, without processes or megatron (fake checkpoint directories). The resume
+resolution and the integrity checks: tests/training_checkpoint/test_integrity.py."""
 
 from __future__ import annotations
 
@@ -18,26 +19,46 @@ from megatron_longalign.training.checkpoint import (
 )
 
 
-def fake_checkpoint(root: Path, step: int, complete: bool = True) -> Path:
-    """A step directory with a dummy shard, and the marker if `complete`."""
+def fake_checkpoint(
+    root: Path, step: int, complete: bool = True, previous: str | None = None
+) -> Path:
+    """A step directory with a dummy shard, and the marker (with the shard's size) if
+    `complete`."""
     path = root / checkpoint.step_dir_name(step)
     path.mkdir(parents=True)
     (path / "__0_0.distcp").write_bytes(b"shard")
     if complete:
-        checkpoint.write_json_durably(path / MARKER, {"format_version": 1, "step": step})
+        marker = {
+            "format_version": 1,
+            "step": step,
+            "files": checkpoint.file_sizes(path),
+            "previous": previous,
+        }
+        checkpoint.write_json_durably(path / MARKER, marker)
     return path
 
 
-def commit(root: Path, step: int, keep_last: int | None = 3) -> Path:
-    """What rank 0 does after every rank wrote the temp dir."""
+def commit(
+    root: Path,
+    step: int,
+    keep_last: int | None = 3,
+    *,
+    run: set[str] | None = None,
+    resumed_step: int = 0,
+) -> Path:
+    """What rank 0 does after every rank wrote the temp dir; `run` collects the names
+    one run saved (what pruning may delete besides checkpoints up to `resumed_step`)."""
+    run = set() if run is None else run
     temp = root / f"{checkpoint.step_dir_name(step)}.tmp-test{step}"
     temp.mkdir(parents=True)
     (temp / "__0_0.distcp").write_bytes(b"new")
-    checkpoint.write_json_durably(temp / MARKER, {"format_version": 1, "step": step})
+    marker = {"format_version": 1, "step": step, "files": checkpoint.file_sizes(temp)}
+    checkpoint.write_json_durably(temp / MARKER, marker)
     final = root / checkpoint.step_dir_name(step)
     checkpoint.publish(temp, final)
+    run.add(final.name)
     checkpoint.point_latest(root, final.name)
-    checkpoint.prune(root, keep_last, final.name)
+    checkpoint.prune(root, keep_last, final.name, written=run, resumed_step=resumed_step)
     checkpoint.remove_stale_temps(root)
     return final
 
@@ -66,7 +87,7 @@ def test_temp_and_unmarked_directories_are_never_picked(tmp_path):
 def test_latest_naming_an_incomplete_checkpoint_raises(tmp_path):
     fake_checkpoint(tmp_path, 3, complete=False)
     checkpoint.point_latest(tmp_path, "step_00000003")
-    with pytest.raises(CheckpointError, match=r"not a complete checkpoint \(no complete.json\)"):
+    with pytest.raises(CheckpointError, match=r"step_00000003/complete\.json is missing"):
         CheckpointManager(tmp_path).latest()
     (tmp_path / "latest").write_text("../elsewhere\n")
     with pytest.raises(CheckpointError, match="not a step_<N> directory"):
@@ -84,40 +105,79 @@ def test_marker_must_match_directory_and_format(tmp_path):
 
 
 def test_crash_after_rename_before_latest_keeps_previous(tmp_path):
-    """The rename is done but `latest` was not replaced: the old checkpoint stays the
-    latest, and saving that step again replaces the orphan."""
+    """The rename is done but `latest` was not replaced: `latest` stays on the old
+    checkpoint, and the complete orphan is never replaced by a later save of its step
+    (a resume takes it instead: test_integrity.py)."""
     previous = commit(tmp_path, 1)
-    orphan = fake_checkpoint(tmp_path, 2)  # published, `latest` never updated
+    orphan = fake_checkpoint(tmp_path, 2, previous=previous.name)
     assert CheckpointManager(tmp_path).latest() == previous
 
-    (orphan / "__0_0.distcp").write_bytes(b"old run")
-    again = commit(tmp_path, 2)
-    assert CheckpointManager(tmp_path).latest() == again
-    assert (again / "__0_0.distcp").read_bytes() == b"new"
-    assert names(tmp_path) == ["latest", "step_00000001", "step_00000002"]
+    with pytest.raises(CheckpointError, match="is a complete checkpoint; not replacing it"):
+        commit(tmp_path, 2)
+    assert (orphan / "__0_0.distcp").read_bytes() == b"shard"
+    assert CheckpointManager(tmp_path).latest() == previous
+
+
+def test_a_damaged_directory_under_the_step_name_is_set_aside_not_deleted(tmp_path):
+    """A save of step 2 over a step_00000002 that is not complete (no marker, or a
+    truncated file) keeps the old one as step_00000002.damaged-<id>; later saves'
+    temp cleanup leaves it alone."""
+    commit(tmp_path, 1)
+    unmarked = fake_checkpoint(tmp_path, 2, complete=False)
+    (unmarked / "__0_0.distcp").write_bytes(b"left by someone")
+    commit(tmp_path, 2)
+    damaged = fake_checkpoint(tmp_path, 3)
+    (damaged / "__0_0.distcp").write_bytes(b"sh")  # truncated
+    commit(tmp_path, 3)
+    commit(tmp_path, 4)
+    aside = sorted(p for p in tmp_path.iterdir() if ".damaged-" in p.name)
+    assert [p.name.split(".")[0] for p in aside] == ["step_00000002", "step_00000003"]
+    assert (aside[0] / "__0_0.distcp").read_bytes() == b"left by someone"
+    assert (aside[1] / "__0_0.distcp").read_bytes() == b"sh"
+    assert (tmp_path / "step_00000003" / "__0_0.distcp").read_bytes() == b"new"
 
 
 def test_keep_last_prunes_oldest_and_cleans_temps(tmp_path):
+    run: set[str] = set()
     for step in (1, 2, 3):
-        commit(tmp_path, step, keep_last=2)
+        commit(tmp_path, step, keep_last=2, run=run)
     assert names(tmp_path) == ["latest", "step_00000002", "step_00000003"]
 
     (tmp_path / "step_00000009.tmp-crashed").mkdir()
     (tmp_path / "latest.tmp-crashed").write_text("step_00000009\n")
     fake_checkpoint(tmp_path, 7, complete=False)  # not ours to delete: left alone
-    commit(tmp_path, 4, keep_last=2)
+    commit(tmp_path, 4, keep_last=2, run=run)
     assert names(tmp_path) == ["latest", "step_00000003", "step_00000004", "step_00000007"]
     assert (tmp_path / "latest").read_text() == "step_00000004\n"
 
 
 def test_prune_never_deletes_latest_nor_newer_ones(tmp_path):
-    """After resuming from step 2, a stale step 5 of the abandoned run is newer than the
-    new latest (step 3); keep_last=1 keeps step 3 and leaves step 5 alone."""
+    """After resuming from step 2 (which a run now refuses to do while step 5 exists),
+    a stale step 5 of the abandoned run is newer than the new latest (step 3);
+    keep_last=1 keeps step 3 and leaves step 5 alone."""
     for step in (1, 2, 5):
         fake_checkpoint(tmp_path, step)
-    commit(tmp_path, 3, keep_last=1)
+    commit(tmp_path, 3, keep_last=1, resumed_step=2)
     assert names(tmp_path) == ["latest", "step_00000003", "step_00000005"]
     assert CheckpointManager(tmp_path).latest() == tmp_path / "step_00000003"
+
+
+def test_prune_deletes_only_this_runs_checkpoints_and_those_up_to_the_resume_point(tmp_path):
+    """Resumed from step 2: another run's step 3 (older than this run's latest, newer
+    than its resume point) survives keep_last=1; 1 and 2 (up to the resume point) and
+    this run's own 4 go."""
+    for step in (1, 2, 3):
+        fake_checkpoint(tmp_path, step)
+    run: set[str] = set()
+    commit(tmp_path, 4, keep_last=1, run=run, resumed_step=2)
+    commit(tmp_path, 5, keep_last=1, run=run, resumed_step=2)
+    assert names(tmp_path) == ["latest", "step_00000003", "step_00000005"]
+    # A fresh run (resume point 0) deletes nothing it did not write.
+    other = tmp_path / "other"
+    for step in (1, 2):
+        fake_checkpoint(other, step)
+    commit(other, 3, keep_last=1)
+    assert names(other) == ["latest", "step_00000001", "step_00000002", "step_00000003"]
 
 
 def test_interrupted_delete_leaves_no_step_directory(tmp_path, monkeypatch):
@@ -137,13 +197,19 @@ def test_interrupted_delete_leaves_no_step_directory(tmp_path, monkeypatch):
     assert checkpoint.remove_stale_temps(tmp_path) and names(tmp_path) == []
 
 
-def test_saving_the_latest_step_again_is_refused(tmp_path):
+def test_saving_over_a_complete_checkpoint_is_refused_before_writing(tmp_path):
+    """Whether `latest` names it or not: a complete step_<N> is never saved over."""
     manager = CheckpointManager(tmp_path)
     final = commit(tmp_path, 6)
-    temp_name, refusal = manager._plan_save(final)
-    assert temp_name == "" and "already exists and `latest` points to it" in refusal
+    fake_checkpoint(tmp_path, 9)  # complete, not `latest`
+    for path in (final, tmp_path / "step_00000009"):
+        temp_name, refusal = manager._plan_save(path)
+        assert temp_name == "" and "is already a complete checkpoint" in refusal
     temp_name, refusal = manager._plan_save(tmp_path / "step_00000007")
     assert refusal is None and temp_name.startswith("step_00000007.tmp-")
+    fake_checkpoint(tmp_path, 8, complete=False)  # not complete: set aside at the commit
+    temp_name, refusal = manager._plan_save(tmp_path / "step_00000008")
+    assert refusal is None and temp_name.startswith("step_00000008.tmp-")
 
 
 def test_manager_arguments_are_validated():
