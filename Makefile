@@ -21,15 +21,17 @@ $(STAMP): setup.py
 	touch $(STAMP)
 
 # The demo preprocesses the bundled data (long samples and short chats as two datasets, as
-# LongAlign mixes them), shows one rendered sample, then trains the tiny model on CPU
-# (conf/experiment/smoke.yaml; DEMO_OUT tells conf/data/demo.yaml where the data is).
+# LongAlign mixes them; --overwrite: a rerun replaces the demo's own sets), shows one
+# rendered sample, then trains the tiny model on CPU (conf/experiment/smoke.yaml;
+# DEMO_OUT tells conf/data/demo.yaml where the data is).
 demo: $(STAMP)
 	$(PY) tools/preprocess.py --input data/sample/long.jsonl.gz \
 		--tokenizer data/sample/tokenizer.model --template llama2 \
-		--output-prefix $(DEMO_OUT)/long --max-length 65536 --on-overlength truncate-middle --workers 2
+		--output-prefix $(DEMO_OUT)/long --max-length 65536 --on-overlength truncate-middle --workers 2 \
+		--overwrite
 	$(PY) tools/preprocess.py --input data/sample/short_chat.jsonl.gz \
 		--tokenizer data/sample/tokenizer.model --template llama2 \
-		--output-prefix $(DEMO_OUT)/short_chat --max-length 65536
+		--output-prefix $(DEMO_OUT)/short_chat --max-length 65536 --overwrite
 	$(PY) tools/preprocess.py --input data/sample/long.jsonl.gz \
 		--tokenizer data/sample/tokenizer.model --template llama2 --inspect 1 --inspect-chars 400
 	DEMO_OUT=$(DEMO_OUT) $(PY) -m megatron_longalign.train +experiment=smoke

@@ -92,6 +92,7 @@ def time_pipeline(data: Path, out: Path, spec: EncodeSpec, workers: int) -> tupl
         spec=spec,
         workers=workers,
         progress=False,
+        overwrite=True,  # timed repeatedly into the same prefix
     )
     start = time.perf_counter()
     stats = preprocess(config)

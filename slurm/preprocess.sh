@@ -5,7 +5,8 @@
 #   OUTPUT_PREFIX=data/long sbatch slurm/preprocess.sh [extra tools/preprocess.py flags]
 #
 # Every variable below can be set in the environment; extra arguments are passed
-# through to tools/preprocess.py (e.g. --skip-bad). It also runs without Slurm.
+# through to tools/preprocess.py (e.g. --skip-bad, or --overwrite to replace an existing
+# OUTPUT_PREFIX.json set). It also runs without Slurm.
 #SBATCH --job-name=longalign-preprocess
 #SBATCH --nodes=1
 #SBATCH --ntasks=1
@@ -17,7 +18,7 @@ set -euo pipefail
 : "${INPUT:?set INPUT to the JSONL files or globs (space-separated)}"
 : "${TOKENIZER:?set TOKENIZER to a sentencepiece .model file or a local HF tokenizer directory}"
 : "${TEMPLATE:?set TEMPLATE to one of llama2, llama3, chatml, chatglm, plain}"
-: "${OUTPUT_PREFIX:?set OUTPUT_PREFIX, e.g. data/long (writes data/long.bin/.idx/...)}"
+: "${OUTPUT_PREFIX:?set OUTPUT_PREFIX, e.g. data/long (writes data/long.json and the files it names)}"
 MAX_LENGTH="${MAX_LENGTH:-65536}"
 ON_OVERLENGTH="${ON_OVERLENGTH:-drop}"
 WORKERS="${WORKERS:-${SLURM_CPUS_PER_TASK:-$(nproc)}}"

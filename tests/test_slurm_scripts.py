@@ -55,7 +55,8 @@ def test_preprocess_script_runs_without_slurm(tmp_path, sp_model):
     )
     assert result.returncode == 0, result.stderr
     assert "samples written          2" in result.stdout
-    assert (tmp_path / "out" / "ds.bin").exists() and data.exists()
+    assert (tmp_path / "out" / "ds.json").exists() and data.exists()
+    assert len(list((tmp_path / "out").glob("ds.*.bin"))) == 2  # tokens and regions
 
 
 def test_preprocess_script_names_missing_variables(tmp_path):

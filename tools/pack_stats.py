@@ -58,14 +58,18 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
-    too_long = int((mixture.lengths > args.seq_length).sum())
     print(
         f"{len(mixture):,} samples, {int(mixture.lengths.sum()):,} tokens; seq_length "
         f"{args.seq_length}, micro-batch {args.micro_batch_size}, global batch "
         f"{args.global_batch_size}, DP {args.dp}"
     )
-    if too_long:
-        print(f"note: {too_long} sample(s) longer than --seq-length are left out of every mode")
+    for source, dataset in zip(sources, mixture.datasets, strict=True):
+        too_long = int((dataset.lengths > args.seq_length).sum())
+        if too_long:
+            print(
+                f"note: {source.prefix}: {too_long} of {len(dataset)} sample(s) are longer than "
+                "--seq-length and are left out of every mode"
+            )
     print(format_table(results))
     return 0
 

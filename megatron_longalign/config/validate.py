@@ -9,11 +9,12 @@ process group or model is built. Every message names the field (`group.field`).
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import torch
 
 from megatron_longalign.config.data import LOSS_REDUCTIONS
@@ -28,9 +29,6 @@ from megatron_longalign.config.training import (
     LongAlignConfig,
 )
 from megatron_longalign.training.preemption import signal_number
-
-# What tools/preprocess.py writes for an output prefix P.
-DATA_FILE_SUFFIXES = (".bin", ".idx", ".json", ".regions.bin", ".regions.idx")
 
 
 class ConfigError(ValueError):
@@ -230,25 +228,45 @@ def _position_problems(config: LongAlignConfig, world_size: int) -> list[str]:
 
 
 def _file_problems(config: LongAlignConfig, world_size: int) -> list[str]:
+    """The preprocessed sets of data.sources, read before anything is built: each P.json
+    valid and in the current format, every file it names present with its recorded size,
+    indexes that agree with their data (data/indexed.py `open_dataset_files`); one
+    tokenizer for all of them, a vocabulary that fits the model, and samples that fit
+    data.seq_length."""
+    from megatron_longalign.data.indexed import DataFileError, open_dataset_files
+
     problems = []
     vocab_sizes: dict[str, int] = {}
+    tokenizers: dict[str, list[str]] = {}  # tokenizer sha256 -> P.json files
+    lengths: dict[int, Any] = {}  # source index -> tokens per sample
     for i, source in enumerate(config.data.sources):
-        missing = [s for s in DATA_FILE_SUFFIXES if not Path(source.prefix + s).is_file()]
-        if missing:
-            problems.append(
-                f"data.sources[{i}].prefix={source.prefix!r}: missing "
-                f"{', '.join(source.prefix + s for s in missing)}; run tools/preprocess.py "
-                f"--output-prefix {source.prefix} (or fix the prefix)"
-            )
+        try:
+            files = open_dataset_files(source.prefix)
+        except DataFileError as err:
+            problems.append(f"data.sources[{i}].prefix={source.prefix!r}: {err}")
             continue
         try:
-            meta = json.loads(Path(source.prefix + ".json").read_text())
-            vocab_sizes[source.prefix] = int(meta["tokenizer"]["vocab_size"])
+            tokenizer = files.metadata["tokenizer"]
+            vocab_sizes[source.prefix] = int(tokenizer["vocab_size"])
+            digest = str(tokenizer["sha256"])
         except (ValueError, KeyError, TypeError) as err:
             problems.append(
-                f"data.sources[{i}].prefix={source.prefix!r}: unreadable {source.prefix}.json "
-                f"({type(err).__name__}: {err}); re-run tools/preprocess.py"
+                f"data.sources[{i}].prefix={source.prefix!r}: {files.manifest} has no usable "
+                f"tokenizer record ({type(err).__name__}: {err}); rerun tools/preprocess.py "
+                f"--output-prefix {source.prefix} --overwrite"
             )
+            continue
+        where = f"{files.manifest} ({tokenizer.get('path') or tokenizer.get('kind', '?')})"
+        tokenizers.setdefault(digest, []).append(where)
+        lengths[i] = files.lengths
+    if len(tokenizers) > 1:
+        problems.append(
+            "data.sources were preprocessed with different tokenizers (their token ids mean "
+            "different things): "
+            + "; ".join(f"tokenizer {h[:12]}: {', '.join(w)}" for h, w in tokenizers.items())
+            + ". Preprocess every source with the model's own tokenizer (tools/preprocess.py "
+            "--tokenizer ... --overwrite)"
+        )
     too_big = {p: v for p, v in vocab_sizes.items() if v > config.model.vocab_size}
     if too_big:
         largest = max(too_big.values())
@@ -257,7 +275,82 @@ def _file_problems(config: LongAlignConfig, world_size: int) -> list[str]:
             f"({largest}) of the tokenizer that preprocessed {', '.join(too_big)}; set "
             f"model.vocab_size >= {largest} or preprocess with the model's own tokenizer"
         )
+    if len(lengths) == len(config.data.sources):
+        problems += _length_problems(config, [lengths[i] for i in range(len(lengths))])
     return problems
+
+
+def _overlength_counts(config: LongAlignConfig, lengths: list[Any]) -> list[tuple[int, int, int]]:
+    """(samples longer than data.seq_length, samples, longest) per source."""
+    limit = config.data.seq_length
+    arrays = [np.asarray(x) for x in lengths]
+    return [(int((x > limit).sum()), int(x.size), int(x.max()) if x.size else 0) for x in arrays]
+
+
+def _overlength_fix(config: LongAlignConfig) -> str:
+    limit = config.data.seq_length
+    return (
+        f"raise data.seq_length, or rerun tools/preprocess.py with --max-length {limit} "
+        "--on-overlength truncate-middle --overwrite (truncated samples keep their answers)"
+    )
+
+
+def _length_problems(config: LongAlignConfig, lengths: list[Any]) -> list[str]:
+    """No sample fits data.seq_length (nothing to train on), or some do not while
+    data.on_overlength=error."""
+    data = config.data
+    if data.seq_length < 2:
+        return []  # reported by the data group
+    counts = _overlength_counts(config, lengths)
+    too_long, total = sum(c[0] for c in counts), sum(c[1] for c in counts)
+    if not too_long:
+        return []
+    detail = "; ".join(
+        f"data.sources[{i}] ({data.sources[i].prefix}): {n} of {size} (longest {longest} tokens)"
+        for i, (n, size, longest) in enumerate(counts)
+        if n
+    )
+    if data.on_overlength == "error":
+        return [
+            f"{too_long} sample(s) are longer than data.seq_length={data.seq_length} and "
+            f"data.on_overlength=error: {detail}. Set data.on_overlength=drop to leave them "
+            f"out (reported at start-up), or {_overlength_fix(config)}"
+        ]
+    if too_long == total:
+        shortest = min(int(np.min(x)) for x in lengths if np.asarray(x).size)
+        return [
+            f"every sample is longer than data.seq_length={data.seq_length}: all {total} "
+            f"would be dropped and nothing is left to train on ({detail}; the shortest has "
+            f"{shortest} tokens). Set data.seq_length >= {shortest}, or "
+            f"{_overlength_fix(config)}"
+        ]
+    return []
+
+
+def overlength_warnings(config: LongAlignConfig, lengths: list[Any]) -> list[str]:
+    """One line per source with samples longer than data.seq_length, which the planner
+    leaves out (data.on_overlength=drop): never a silent drop."""
+    return [
+        f"data.sources[{i}] ({config.data.sources[i].prefix}): {n} of {size} samples are "
+        f"longer than data.seq_length={config.data.seq_length} (longest {longest} tokens) "
+        f"and are dropped; to keep them, {_overlength_fix(config)}"
+        for i, (n, size, longest) in enumerate(_overlength_counts(config, lengths))
+        if n
+    ]
+
+
+def empty_plan_problem(config: LongAlignConfig, lengths: list[Any]) -> str:
+    """Why the data plan has no step, and what to change."""
+    counts = _overlength_counts(config, lengths)
+    detail = "; ".join(
+        f"data.sources[{i}] ({s.prefix}, weight {s.weight:g}): {size} samples, {n} longer than "
+        f"data.seq_length={config.data.seq_length}"
+        for i, (s, (n, size, _)) in enumerate(zip(config.data.sources, counts, strict=True))
+    )
+    return (
+        f"the data plan is empty: no sample can be trained on ({detail}). Give a source "
+        f"with samples that fit a weight > 0, or {_overlength_fix(config)}"
+    )
 
 
 # ---- optimizer, schedule, train, logging -------------------------------------------------

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from megatron_longalign.config.data import DatasetSource
-from megatron_longalign.data.indexed import SFTIndexedDataset, SFTSample
+from megatron_longalign.data.indexed import DataFileError, SFTIndexedDataset, SFTSample
 
 # Independent random streams of one (seed, epoch).
 STREAM_POOL, STREAM_SHUFFLE, STREAM_UNIT_ORDER = 0, 1, 2
@@ -54,11 +54,16 @@ class DatasetMixture:
 
     def _check_same_tokenizer(self) -> None:
         # Mixing datasets tokenized differently would train on garbage ids silently.
-        hashes = {d.metadata["tokenizer"]["sha256"]: d.prefix for d in self.datasets}
+        hashes: dict[str, list[str]] = {}
+        for dataset in self.datasets:
+            digest = dataset.metadata["tokenizer"]["sha256"]
+            hashes.setdefault(digest, []).append(f"{dataset.prefix}.json")
         if len(hashes) > 1:
-            raise ValueError(
+            raise DataFileError(
                 "datasets were preprocessed with different tokenizers: "
-                + ", ".join(f"{prefix} ({h[:12]})" for h, prefix in hashes.items())
+                + "; ".join(f"tokenizer {h[:12]}: {', '.join(m)}" for h, m in hashes.items())
+                + ". Preprocess every source with the model's own tokenizer "
+                "(tools/preprocess.py --tokenizer ... --overwrite)"
             )
 
     @property

@@ -1,16 +1,27 @@
-"""Raw JSONL chats -> P.bin/P.idx (tokens), P.regions.bin/.idx (loss regions), P.json.
+"""Raw JSONL chats -> a preprocessed set for prefix P: P.json (metadata, and the exact
+files of the set) naming P.<tag>.bin/.idx (tokens) and P.<tag>.regions.bin/.idx (loss
+regions), plus P.<tag>.rejects.jsonl when lines were dropped or rejected.
 
 The pipeline streams: a reader in this process cuts the inputs into chunks, workers
 parse + validate + template + tokenize them, and results come back in input order
 (`ordered_map`), so memory stays flat and the output is byte-identical for any number
-of workers. All outputs are written under temporary names and published at the end
-(metadata last); on any error nothing is left under a final name.
+of workers.
+
+Before any tokenizing: an existing P.json is refused without `overwrite`, the output
+directory must take a written and fsynced probe file, and what killed runs left for P
+is removed (or reported, if its process still runs). All outputs are written under
+temporary names and published at the end by replacing P.json (utils/atomic_files.py):
+a crash or error at any point leaves the previous complete set or the new one, never a
+mix. A failed write names its file.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
+import shutil
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -21,18 +32,34 @@ import numpy as np
 
 from megatron_longalign.data.conversation import BadSample, parse_conversation
 from megatron_longalign.data.encoding import SampleEncoder
-from megatron_longalign.data.indexed import FORMAT
+from megatron_longalign.data.indexed import FORMAT, LEGACY_SUFFIXES, MEMBER_SUFFIXES, REJECTS
 from megatron_longalign.data.jsonl_reader import Chunk, expand_inputs, read_chunks
 from megatron_longalign.data.overlength import OVERLENGTH_POLICIES, truncate
 from megatron_longalign.data.preprocess_stats import PreprocessStats
 from megatron_longalign.data.templates import RegionKind, get_template
 from megatron_longalign.data.tokenizer import load_tokenizer
-from megatron_longalign.utils.atomic_files import AtomicFileSet
+from megatron_longalign.utils.atomic_files import (
+    AtomicFileSet,
+    WriteError,
+    check_writable,
+    clean_leftovers,
+    describe_os_error,
+    manifest_exists,
+    manifest_path,
+    naming,
+)
 from megatron_longalign.utils.ordered_map import ordered_map
+
+log = logging.getLogger("megatron_longalign.preprocess")
 
 
 class PreprocessError(RuntimeError):
     """Bad input that stops the run; the message names the file and line."""
+
+
+class OutputError(PreprocessError):
+    """The output cannot be written (exists without overwrite, read-only, disk full);
+    the message names the file and what to do."""
 
 
 @dataclass(frozen=True)
@@ -54,6 +81,7 @@ class PreprocessConfig:
     skip_bad: bool = False
     progress: bool = True
     chunk_bytes: int = 1 << 20
+    overwrite: bool = False  # replace an existing set (P.json) for output_prefix
 
     def validate(self) -> None:
         if self.spec.on_overlength not in OVERLENGTH_POLICIES:
@@ -65,7 +93,7 @@ class PreprocessConfig:
         if self.output_prefix.endswith(("/", os.sep)) or Path(self.output_prefix).is_dir():
             raise ValueError(
                 f"--output-prefix {self.output_prefix!r} is a directory; give a file prefix "
-                "such as out/long (writes out/long.bin, out/long.idx, ...)"
+                "such as out/long (writes out/long.json and the files it names)"
             )
 
 
@@ -167,49 +195,111 @@ def preprocess(config: PreprocessConfig) -> PreprocessStats:
     """Run the pipeline; returns the stats also written to P.json."""
     config.validate()
     files = expand_inputs(config.inputs)
+    # Output problems first: they are cheap to find and would otherwise waste the run.
+    prepare_output(config, files)
     # Build the encoder here first: a tokenizer/template problem should fail once, clearly,
     # before any worker starts.
     encoder = SampleProcessor(config.spec).encoder
-    Path(config.output_prefix).parent.mkdir(parents=True, exist_ok=True)
 
     from megatron_longalign.data.indexed_writer import IndexedSampleWriter
 
-    outputs = AtomicFileSet()
-    writer = IndexedSampleWriter(config.output_prefix, encoder.tokenizer.vocab_size, outputs)
-    rejects_path = outputs.temp_path(config.output_prefix + ".rejects.jsonl")
-    meta_path = outputs.temp_path(config.output_prefix + ".json")
+    outputs = AtomicFileSet(config.output_prefix)
+    writer = None
     stats = PreprocessStats()
     lines_per_file = [0] * len(files)
     started = time.perf_counter()
     try:
-        with (
-            open(rejects_path, "w", encoding="utf-8") as rejects,
-            _progress_bar(files, config.progress) as bar,
-        ):
-            for file_index, disk_bytes, outcomes in _processed_chunks(config, files):
-                path = files[file_index]
-                for outcome in outcomes:
-                    lines_per_file[file_index] = outcome.line
-                    _record(outcome, path, config, stats, writer, rejects)
-                bar.update(disk_bytes)
-                elapsed = max(time.perf_counter() - started, 1e-9)
-                bar.set_postfix(samples=stats.samples, tok_per_s=f"{stats.tokens / elapsed:,.0f}")
+        writer = IndexedSampleWriter(encoder.tokenizer.vocab_size, outputs)
+        rejects_path = outputs.temp_path(REJECTS)
+        with naming(rejects_path):
+            # Closed below (naming the file if the close fails), or on an error.
+            rejects = open(rejects_path, "w", encoding="utf-8")  # noqa: SIM115
+        try:
+            with _progress_bar(files, config.progress) as bar:
+                for file_index, disk_bytes, outcomes in _processed_chunks(config, files):
+                    path = files[file_index]
+                    for outcome in outcomes:
+                        lines_per_file[file_index] = outcome.line
+                        _record(outcome, path, config, stats, writer, rejects)
+                    bar.update(disk_bytes)
+                    elapsed = max(time.perf_counter() - started, 1e-9)
+                    bar.set_postfix(
+                        samples=stats.samples, tok_per_s=f"{stats.tokens / elapsed:,.0f}"
+                    )
+        except BaseException:
+            with contextlib.suppress(OSError):
+                rejects.close()
+            raise
+        with naming(rejects_path):
+            rejects.close()  # flushes: a full disk fails here, on this file
         writer.finalize()
-        metadata = _metadata(config, files, lines_per_file, encoder, writer, stats)
-        meta_path.write_text(json.dumps(metadata, indent=2, ensure_ascii=False) + "\n")
         if stats.samples == 0:
             raise PreprocessError(
                 f"no sample was written from {len(files)} file(s): "
                 f"dropped {dict(stats.dropped)}, rejected {dict(stats.rejected)}"
             )
         if rejects_path.stat().st_size == 0:
-            rejects_path.unlink()
-            Path(config.output_prefix + ".rejects.jsonl").unlink(missing_ok=True)
-        outputs.commit()
+            outputs.discard(REJECTS)
+        metadata = _metadata(config, files, lines_per_file, encoder, writer, stats)
+        manifest = outputs.commit(metadata, legacy_suffixes=LEGACY_SUFFIXES)
+        stats.published_files = {s: r["name"] for s, r in manifest["files"].items()}
+    except WriteError as err:
+        _give_up(writer, outputs)
+        raise OutputError(
+            f"{describe_os_error(err)}. Nothing was published: "
+            f"{manifest_path(config.output_prefix)} and the files it names are as before "
+            "(if they existed)."
+        ) from err
     except BaseException:
-        outputs.abort()
+        _give_up(writer, outputs)
         raise
     return stats
+
+
+def _give_up(writer, outputs: AtomicFileSet) -> None:
+    if writer is not None:
+        writer.close()
+    outputs.abort()
+
+
+def prepare_output(config: PreprocessConfig, files: list[Path]) -> None:
+    """Everything about the output that can fail, checked before any tokenizing: an
+    existing set without `overwrite`, a directory that cannot take a written and fsynced
+    file (read-only, no permission, disk full); then what killed runs left for the
+    prefix is removed (a live process's files are reported and left alone)."""
+    prefix = config.output_prefix
+    manifest = manifest_path(prefix)
+    if manifest_exists(prefix) and not config.overwrite:
+        raise OutputError(
+            f"{manifest} already exists: {prefix!r} holds a preprocessed set. Pass "
+            "--overwrite to replace it (the new set is published only once it is complete; "
+            "then the old files are deleted), or choose another --output-prefix."
+        )
+    try:
+        check_writable(prefix)
+        leftovers = clean_leftovers(prefix, MEMBER_SUFFIXES)
+    except WriteError as err:
+        raise OutputError(
+            f"{describe_os_error(err)}. Checked before preprocessing: nothing was written."
+        ) from err
+    for message in leftovers.messages(prefix):
+        log.warning("%s", message)
+    _warn_if_short_of_space(prefix, files)
+
+
+def _warn_if_short_of_space(prefix: str, files: list[Path]) -> None:
+    """A rough bound: the output takes about as many bytes as the (uncompressed) input."""
+    need = sum(f.stat().st_size * (4 if f.name.endswith(".gz") else 1) for f in files)
+    directory = Path(prefix).parent
+    free = shutil.disk_usage(directory).free
+    if free < need:
+        log.warning(
+            "only %.1f MB free in %s; the output may need up to about %.1f MB (the size of "
+            "the input). A full disk stops the run with an error and publishes nothing.",
+            free / 1e6,
+            directory,
+            need / 1e6,
+        )
 
 
 def _record(
@@ -240,7 +330,7 @@ def _record(
             raise PreprocessError(
                 f"{path}:{outcome.line}: {outcome.message} [{outcome.reason}]\n"
                 "(pass --skip-bad to skip such lines and list them in "
-                f"{config.output_prefix}.rejects.jsonl)"
+                f"{config.output_prefix}.<tag>.rejects.jsonl, named in {config.output_prefix}.json)"
             )
         stats.rejected[outcome.reason] += 1
         _write_reject(rejects, path, outcome.line, outcome.reason, outcome.message, outcome.text)
@@ -250,7 +340,8 @@ def _write_reject(rejects, path: Path, lineno: int, reason: str, message: str, t
     record = {"file": str(path), "line": lineno, "reason": reason, "message": message}
     if text is not None:
         record["text"] = text
-    rejects.write(json.dumps(record, ensure_ascii=False) + "\n")
+    with naming(rejects.name):
+        rejects.write(json.dumps(record, ensure_ascii=False) + "\n")
 
 
 def _metadata(config, files, lines_per_file, encoder, writer, stats) -> dict:

@@ -32,6 +32,9 @@ class PreprocessStats:
     dropped: Counter = field(default_factory=Counter)  # valid samples not written
     rejected: Counter = field(default_factory=Counter)  # bad input lines (--skip-bad)
     histogram: np.ndarray = field(default_factory=lambda: np.zeros(len(HISTOGRAM_EDGES), int))
+    # member suffix -> file name of the published set (set by preprocess(); not in P.json's
+    # stats, which P.json's "files" table already covers)
+    published_files: dict[str, str] = field(default_factory=dict)
 
     def add_sample(self, length: int, targets: int, truncated: bool) -> None:
         self.samples += 1

@@ -49,8 +49,15 @@ from typing import Any
 import torch
 
 from megatron_longalign.config.training import LongAlignConfig
-from megatron_longalign.config.validate import document_multiple, validate_config
+from megatron_longalign.config.validate import (
+    ConfigError,
+    document_multiple,
+    empty_plan_problem,
+    overlength_warnings,
+    validate_config,
+)
 from megatron_longalign.data.context_parallel import shard_for_context_parallel
+from megatron_longalign.data.indexed import DataFileError
 from megatron_longalign.data.microbatch import MicroBatch, MicroBatchBuilder
 from megatron_longalign.data.mixture import DatasetMixture
 from megatron_longalign.data.planner import GlobalBatch, GlobalBatchPlanner, PlanPosition
@@ -368,9 +375,13 @@ class Trainer:
         )
         self.dtype = resolve_precision(config.train.precision)
         self.is_rank0 = torch.distributed.get_rank() == 0
-        self.data = build_data(
-            config, data_parallel_rank(), data_parallel_size(), context_parallel_rank()
-        )
+        try:
+            self.data = build_data(
+                config, data_parallel_rank(), data_parallel_size(), context_parallel_rank()
+            )
+        except DataFileError as err:  # changed since the validation, or check_files=False
+            raise ConfigError([str(err)]) from err
+        self._check_data_plan()  # before the model is built
         self.total_steps = self._total_steps()
         self.transformer_config = build_transformer_config(config, self.dtype, self.cpu)
         self.model = build_model(config, self.transformer_config, self.device, init_weights)
@@ -401,6 +412,16 @@ class Trainer:
         self.resumed_from = self._resume()
 
     # ---- setup helpers -------------------------------------------------------------------
+
+    def _check_data_plan(self) -> None:
+        """Samples longer than data.seq_length are reported per source (rank 0), and a
+        plan without a single step stops the run here, before the model is built."""
+        lengths = [dataset.lengths for dataset in self.data.mixture.datasets]
+        if self.is_rank0:
+            for message in overlength_warnings(self.config, lengths):
+                log.warning("%s", message)
+        if self.data.planner.num_steps(0) == 0:
+            raise ConfigError([empty_plan_problem(self.config, lengths)])
 
     def _total_steps(self) -> int:
         train = self.config.train

@@ -15,7 +15,7 @@ import pytest
 
 from megatron_longalign.data.conversation import conversation_from_record
 from megatron_longalign.data.encoding import SampleEncoder, loss_mask_from_regions
-from megatron_longalign.data.indexed import SFTIndexedDataset
+from megatron_longalign.data.indexed import SFTIndexedDataset, megatron_prefix
 from megatron_longalign.data.preprocess import (
     Dropped,
     EncodeSpec,
@@ -61,6 +61,12 @@ def outputs(directory: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(directory.iterdir())}
 
 
+def published(prefix) -> dict[str, Path]:
+    """suffix -> file of the set that PREFIX.json names."""
+    meta = json.loads(Path(f"{prefix}.json").read_text())
+    return {s: Path(prefix).parent / r["name"] for s, r in meta["files"].items()}
+
+
 def test_output_is_a_megatron_indexed_dataset_matching_the_reference(tmp_path, sp_model):
     from megatron.core.datasets.indexed_dataset import IndexedDataset
 
@@ -69,7 +75,7 @@ def test_output_is_a_megatron_indexed_dataset_matching_the_reference(tmp_path, s
     assert convert(data, sp_model, "llama3", prefix) == 0
     expected = reference(sp_model, "llama3", GOOD)
 
-    megatron = IndexedDataset(str(prefix))
+    megatron = IndexedDataset(megatron_prefix(str(prefix)))
     assert len(megatron) == len(GOOD)
     assert megatron.sequence_lengths.tolist() == [len(t) for t, _ in expected]
     dataset = SFTIndexedDataset(str(prefix))
@@ -86,7 +92,16 @@ def test_output_is_a_megatron_indexed_dataset_matching_the_reference(tmp_path, s
     assert meta["tokenizer"]["sha256"] == hashlib.sha256(Path(sp_model).read_bytes()).hexdigest()
     assert meta["template"]["name"] == "llama3"
     assert meta["token_dtype"] == "uint16"  # vocab < 65500
-    assert not (tmp_path / "out" / "ds.rejects.jsonl").exists()
+    assert meta["format"] == "megatron-longalign/sft-v2"
+    tag = meta["tag"]
+    assert set(meta["files"]) == {".bin", ".idx", ".regions.bin", ".regions.idx"}  # no rejects
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(
+        ["ds.json"] + [f"ds.{tag}{suffix}" for suffix in meta["files"]]
+    )
+    for record in meta["files"].values():
+        data = (tmp_path / "out" / record["name"]).read_bytes()
+        assert record["bytes"] == len(data)
+        assert record["sha256"] == hashlib.sha256(data).hexdigest()
 
 
 def _mixed_input(tmp_path: Path) -> Path:
@@ -119,13 +134,14 @@ def test_output_is_byte_identical_for_any_worker_count(tmp_path, sp_model):
         stats = preprocess(config)
         results.append(outputs(out))
     assert stats.rejected and stats.truncated and stats.blank_lines
+    tag = json.loads(results[0]["ds.json"])["tag"]
     assert set(results[0]) == {
-        "ds.bin",
-        "ds.idx",
-        "ds.regions.bin",
-        "ds.regions.idx",
+        f"ds.{tag}.bin",
+        f"ds.{tag}.idx",
+        f"ds.{tag}.regions.bin",
+        f"ds.{tag}.regions.idx",
         "ds.json",
-        "ds.rejects.jsonl",
+        f"ds.{tag}.rejects.jsonl",
     }
     assert results[0] == results[1] == results[2]
 
@@ -149,7 +165,7 @@ def test_failed_run_leaves_previous_outputs_untouched(tmp_path, sp_model):
     prefix = tmp_path / "out" / "ds"
     assert convert(good, sp_model, "plain", prefix) == 0
     before = outputs(tmp_path / "out")
-    assert convert(bad, sp_model, "plain", prefix) == 1
+    assert convert(bad, sp_model, "plain", prefix, "--overwrite") == 1
     assert outputs(tmp_path / "out") == before
 
 
@@ -164,7 +180,7 @@ def test_skip_bad_lists_every_rejected_line_with_reason(tmp_path, sp_model, caps
     assert convert(data, sp_model, "llama2", prefix, "--skip-bad") == 0
     assert "rejects.jsonl" in capsys.readouterr().out
     rejects = [
-        json.loads(line) for line in (tmp_path / "ds.rejects.jsonl").read_text().splitlines()
+        json.loads(line) for line in published(prefix)[".rejects.jsonl"].read_text().splitlines()
     ]
     assert [(r["line"], r["reason"]) for r in rejects] == expected_rejects
     assert all(r["file"] == str(data) and r["message"] for r in rejects)
@@ -184,9 +200,11 @@ def test_a_clean_rerun_removes_stale_rejects(tmp_path, sp_model):
     clean = write_lines(tmp_path / "clean.jsonl", GOOD)
     args = ("--tokenizer", sp_model, "--template", "plain", "--output-prefix", prefix)
     assert run_cli("--input", dirty, "--skip-bad", *args) == 0
-    assert (tmp_path / "ds.rejects.jsonl").exists()
-    assert run_cli("--input", clean, *args) == 0
-    assert not (tmp_path / "ds.rejects.jsonl").exists()
+    old_rejects = published(prefix)[".rejects.jsonl"]
+    assert old_rejects.exists()
+    assert run_cli("--input", clean, *args, "--overwrite") == 0
+    assert ".rejects.jsonl" not in published(prefix)
+    assert not old_rejects.exists() and not list(tmp_path.glob("*rejects*"))
 
 
 LONG = chat("word " * 200 + "\n\nWhat?", "The answer is long enough to matter here.")
@@ -229,7 +247,7 @@ def test_overlength_drop_is_counted_and_listed(tmp_path, sp_model):
     assert meta["counts"]["dropped"] == {"overlength": 1}
     assert meta["counts"]["samples_written"] == 2
     (reject,) = [
-        json.loads(x) for x in Path(str(prefix) + ".rejects.jsonl").read_text().splitlines()
+        json.loads(x) for x in published(prefix)[".rejects.jsonl"].read_text().splitlines()
     ]
     assert reject["line"] == 2 and reject["reason"] == "overlength"
 

@@ -82,9 +82,71 @@ def test_context_parallelism_is_accepted_except_with_flash(config):
 def test_missing_data_files_name_the_source(config, tmp_path):
     config.data.sources[1].prefix = str(tmp_path / "nowhere")
     message = problem_about(config, "data.sources[1].prefix")
-    assert "nowhere.bin" in message and "tools/preprocess.py" in message
+    assert "nowhere.json not found" in message and "tools/preprocess.py" in message
     # ... and only that source
     assert not [p for p in config_problems(config) if "data.sources[0]" in p]
+
+
+def copy_set(prefix: str, to: Path) -> str:
+    """A copy of the preprocessed set `prefix` (P.json and its files) under `to`, to damage."""
+    import json
+    import shutil
+
+    meta = json.loads(Path(prefix + ".json").read_text())
+    to.mkdir(parents=True, exist_ok=True)
+    for name in [Path(prefix).name + ".json", *(r["name"] for r in meta["files"].values())]:
+        shutil.copy(Path(prefix).parent / name, to / name)
+    return str(to / Path(prefix).name)
+
+
+def test_damaged_data_files_are_named_before_anything_is_built(config, tmp_path):
+    import json
+
+    copy = copy_set(config.data.sources[0].prefix, tmp_path)
+    config.data.sources[0].prefix = copy
+    meta = json.loads(Path(copy + ".json").read_text())
+    data = tmp_path / meta["files"][".bin"]["name"]
+    data.write_bytes(data.read_bytes()[:-2])  # a truncated .bin: nothing else notices it
+    message = problem_about(config, "data.sources[0].prefix")
+    assert str(data) in message and "truncated" in message and "tools/preprocess.py" in message
+    meta["format"] = "megatron-longalign/sft-v1"
+    Path(copy + ".json").write_text(json.dumps(meta))
+    message = problem_about(config, "data.sources[0].prefix")
+    assert "old data format" in message and f"--output-prefix {copy}" in message
+
+
+def test_sources_preprocessed_with_different_tokenizers(config, tmp_path):
+    import json
+
+    copy = copy_set(config.data.sources[1].prefix, tmp_path)
+    meta = json.loads(Path(copy + ".json").read_text())
+    meta["tokenizer"]["sha256"] = "f" * 64
+    Path(copy + ".json").write_text(json.dumps(meta))
+    config.data.sources[1].prefix = copy
+    message = problem_about(config, "different tokenizers")
+    assert f"{copy}.json" in message and f"{config.data.sources[0].prefix}.json" in message
+
+
+def test_samples_longer_than_seq_length(config):
+    from megatron_longalign.config.validate import overlength_warnings
+    from megatron_longalign.data.indexed import open_dataset_files
+
+    lengths = [open_dataset_files(s.prefix).lengths for s in config.data.sources]
+    config.data.seq_length = 16  # shorter than every sample
+    message = problem_about(config, "every sample is longer than data.seq_length=16")
+    total = sum(x.size for x in lengths)
+    assert f"all {total} would be dropped" in message and "--max-length 16" in message
+    assert f"data.seq_length >= {min(int(x.min()) for x in lengths)}" in message
+    # Some too long: fine with on_overlength=drop (warned at start-up), a problem with error.
+    config.data.seq_length = 2048
+    too_long = [int((x > 2048).sum()) for x in lengths]
+    assert too_long[0] and too_long[0] < lengths[0].size
+    assert not [p for p in config_problems(config) if "seq_length=2048" in p]
+    warnings = overlength_warnings(config, lengths)
+    assert len(warnings) == sum(1 for n in too_long if n)
+    assert f"data.sources[0] ({config.data.sources[0].prefix}): {too_long[0]} of " in warnings[0]
+    config.data.on_overlength = "error"
+    problem_about(config, f"{sum(too_long)} sample(s) are longer than data.seq_length=2048")
 
 
 def test_tokenizer_vocabulary_must_fit_the_model(config):
