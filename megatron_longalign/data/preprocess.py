@@ -37,7 +37,7 @@ from megatron_longalign.data.jsonl_reader import Chunk, expand_inputs, read_chun
 from megatron_longalign.data.overlength import OVERLENGTH_POLICIES, truncate
 from megatron_longalign.data.preprocess_stats import PreprocessStats
 from megatron_longalign.data.templates import RegionKind, get_template
-from megatron_longalign.data.tokenizer import load_tokenizer
+from megatron_longalign.data.tokenizer import ReservedTextError, load_tokenizer
 from megatron_longalign.utils.atomic_files import (
     AtomicFileSet,
     WriteError,
@@ -142,7 +142,12 @@ class SampleProcessor:
         except BadSample as bad:
             text = raw.decode("utf-8", "backslashreplace")
             return Rejected(lineno, bad.reason, bad.message, text)
-        sample = self.encoder.encode(conversation)
+        try:
+            sample = self.encoder.encode(conversation)
+        except ReservedTextError as err:
+            return Rejected(
+                lineno, "reserved_text", str(err), raw.decode("utf-8", "backslashreplace")
+            )
         limit = self.spec.max_length
         truncated = False
         if limit is not None and len(sample) > limit:

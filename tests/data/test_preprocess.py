@@ -6,6 +6,7 @@ import gzip
 import hashlib
 import importlib.util
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -329,8 +330,10 @@ def test_inspect_marks_the_trained_spans(tmp_path, sp_model, capsys):
     )
     out = capsys.readouterr().out
     assert "in.jsonl:1: rejected [invalid_json]" in out
-    assert "⟦A doc.</s>⟧" in out and "⟦hello</s>⟧" in out and "⟦fine</s>⟧" in out
-    assert "⟦4</s>⟧" not in out  # only 2 samples shown
+    # A token that straddles `[/INST] ` and the answer (`▁fine`) is trained with it.
+    for answer in ("A doc.", "hello", "fine"):
+        assert re.search(rf"⟦ ?{re.escape(answer)}</s>⟧", out), out
+    assert not re.search(r"⟦ ?4</s>⟧", out)  # only 2 samples shown
     assert not list(tmp_path.glob("*.bin"))
 
 
