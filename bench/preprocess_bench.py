@@ -5,7 +5,8 @@
   native buffer binding, or HF `tokenizers` `encode`) on each sample's fully rendered
   text, one process, text already in memory: the lower bound on cost.
 - pipeline: `preprocess()` end to end (read JSONL, parse, validate, template, tokenize
-  piecewise, write IndexedDatasets + metadata) with 1 and 2 workers.
+  as at inference with region offsets, write and publish the IndexedDatasets + P.json)
+  with 1 and 2 workers.
 
 Measurements are interleaved (bare, w1, w2, bare, w1, w2, ...) and the median is
 reported, so machine noise hits every configuration alike. The one-time import of
