@@ -108,21 +108,24 @@ class SampleEncoder:
         pieces = self.template.pieces(conversation)
         items = [p.text if p.special is None else self._special_ids[p.special] for p in pieces]
         tokens, bounds = self.tokenizer.encode_pieces(items)
-        kinds = np.fromiter((int(p.kind) for p in pieces), dtype=REGION_DTYPE, count=len(pieces))
-        return EncodedSample(
-            tokens.astype(TOKEN_DTYPE, copy=False), regions_from_bounds(bounds, kinds)
-        )
+        regions, targets = regions_from_bounds(bounds.tolist(), [int(p.kind) for p in pieces])
+        return EncodedSample(tokens.astype(TOKEN_DTYPE, copy=False), regions, targets)
 
 
-def regions_from_bounds(bounds: np.ndarray, kinds: np.ndarray) -> np.ndarray:
-    """(R, 3) regions from per-piece token bounds and kinds: empty pieces dropped,
-    adjacent pieces of one kind merged."""
-    sizes = np.diff(bounds)
-    keep = sizes > 0
-    starts, ends, kinds = bounds[:-1][keep], bounds[1:][keep], kinds[keep]
-    if not kinds.size:
-        return np.zeros((0, 3), dtype=REGION_DTYPE)
-    new_region = np.concatenate([[True], kinds[1:] != kinds[:-1]])
-    first = np.flatnonzero(new_region)
-    last = np.concatenate([first[1:], [kinds.size]]) - 1
-    return np.stack([starts[first], ends[last], kinds[first]], axis=1).astype(REGION_DTYPE)
+def regions_from_bounds(bounds: list[int], kinds: list[int]) -> tuple[np.ndarray, int]:
+    """(R, 3) regions from per-piece token bounds and kinds (empty pieces dropped,
+    adjacent pieces of one kind merged), and the number of target tokens. Plain Python:
+    a sample has a handful of pieces."""
+    regions: list[list[int]] = []
+    targets = 0
+    for index, kind in enumerate(kinds):
+        start, end = bounds[index], bounds[index + 1]
+        if end == start:
+            continue
+        if kind == RegionKind.ASSISTANT:
+            targets += end - start
+        if regions and regions[-1][2] == kind:
+            regions[-1][1] = end
+        else:
+            regions.append([start, end, kind])
+    return np.array(regions, dtype=REGION_DTYPE).reshape(-1, 3), targets

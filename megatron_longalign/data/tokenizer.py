@@ -100,13 +100,6 @@ class TextTokenizer:
         }
 
 
-def _piece_bounds(texts: Sequence[str], to_units) -> np.ndarray:
-    """Start offsets of consecutive texts (plus the end), in the units `to_units` measures."""
-    bounds = np.zeros(len(texts) + 1, dtype=np.int64)
-    np.cumsum([to_units(t) for t in texts], out=bounds[1:])
-    return bounds
-
-
 class SentencePieceTokenizer(TextTokenizer):
     """A sentencepiece model used as is (dummy prefix, normaliser and whitespace rules
     included). Text between special tokens is one `encode` call, as in Llama-2's
@@ -216,31 +209,38 @@ class SentencePieceTokenizer(TextTokenizer):
         return ids, _anchors(starts, ends)
 
     def encode_pieces(self, pieces: Sequence[str | int]) -> tuple[np.ndarray, np.ndarray]:
+        # Plain Python for the bookkeeping: a sample has a handful of pieces, and numpy's
+        # per-call cost would dominate short chats.
         parts: list[np.ndarray] = []
-        bounds = np.zeros(len(pieces) + 1, dtype=np.int64)
-        total = 0
-        index = 0
-        while index < len(pieces):
-            piece = pieces[index]
-            if not isinstance(piece, str):
-                parts.append(np.array([piece], dtype=np.int32))
-                total += 1
-                index += 1
-                bounds[index] = total
-                continue
-            end = index
-            while end < len(pieces) and isinstance(pieces[end], str):
-                end += 1
-            texts = pieces[index:end]
-            ids, anchors = self._encode_with_anchors("".join(texts))
-            starts = _piece_bounds(texts, lambda t: len(t.encode("utf-8")))
-            bounds[index + 1 : end + 1] = total + np.searchsorted(anchors, starts[1:], "left")
-            bounds[end] = total + ids.size  # every token belongs to some piece of the run
+        bounds = [0]
+        run: list[str] = []  # the texts since the last special token
+
+        def encode_run() -> None:
+            if not run:
+                return
+            ids, anchors = self._encode_with_anchors("".join(run))
+            position = 0
+            for text in run[:-1]:
+                position += len(text) if text.isascii() else len(text.encode("utf-8"))
+                bounds.append(bounds[0] + int(np.searchsorted(anchors, position, "left")))
+            bounds.append(bounds[0] + ids.size)  # every token belongs to a piece of the run
+            bounds[0] += ids.size
             parts.append(ids)
-            total += ids.size
-            index = end
+            run.clear()
+
+        # bounds[0] is the running token count until the end, where it is reset to 0.
+        for piece in pieces:
+            if isinstance(piece, str):
+                run.append(piece)
+                continue
+            encode_run()
+            parts.append(np.array([piece], dtype=np.int32))
+            bounds[0] += 1
+            bounds.append(bounds[0])
+        encode_run()
+        bounds[0] = 0
         ids = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int32)
-        return ids.astype(np.int32, copy=False), bounds
+        return ids.astype(np.int32, copy=False), np.asarray(bounds, dtype=np.int64)
 
     def is_special(self, token_id: int) -> bool:
         return token_id in self._control
@@ -402,12 +402,13 @@ class HFTokenizer(TextTokenizer):
                 "to mark special tokens"
             )
         ids = remap[raw]
-        starts = _piece_bounds(texts, len)
-        bounds = np.empty(len(pieces) + 1, dtype=np.int64)
-        bounds[0] = 0
-        bounds[1:-1] = [_first_token_at(encoding, ids.size, int(s)) for s in starts[1:-1]]
-        bounds[-1] = ids.size
-        return ids, bounds
+        bounds = [0]
+        position = 0
+        for text in texts[:-1]:
+            position += len(text)
+            bounds.append(_first_token_at(encoding, bounds[-1], ids.size, position))
+        bounds.append(ids.size)
+        return ids, np.asarray(bounds, dtype=np.int64)
 
     def is_special(self, token_id: int) -> bool:
         return token_id in self._special
@@ -423,10 +424,11 @@ class HFTokenizer(TextTokenizer):
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=False)
 
 
-def _first_token_at(encoding, count: int, char: int) -> int:
-    """The number of tokens whose anchor is before character `char` (binary search over
-    the encoding's offsets: converting all of them to Python would double the cost)."""
-    low, high = 0, count
+def _first_token_at(encoding, low: int, count: int, char: int) -> int:
+    """The number of tokens whose anchor is before character `char`, knowing it is at
+    least `low` (binary search over the encoding's offsets: converting all of them to
+    Python would double the cost of a long sample)."""
+    high = count
     while low < high:
         middle = (low + high) // 2
         start, end = encoding.token_to_chars(middle)

@@ -370,3 +370,22 @@ def test_special_token_the_normaliser_rewrites_is_refused(paths, tmp_path):
     path = _with_normalized_specials(paths["hf_llama2_legacy"], tmp_path / "tok")
     with pytest.raises(TokenizerError, match=r'tokenizer\.json.*"normalized": false'):
         SampleEncoder(load_tokenizer(path), get_template("llama2"))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_long_samples_match_the_reference(paths, kind):
+    """Thousands of tokens per text: the offset searches over long encodings."""
+    from megatron_longalign.data.synthetic import generate_long_samples
+
+    for template, record in zip(
+        ("llama2", "chatml", "llama3"), generate_long_samples(3, 800, 2000, seed=5), strict=True
+    ):
+        encoder = SampleEncoder(load_tokenizer(paths[kind]), get_template(template))
+        conversation = conversation_from_record(record)
+        sample = encoder.encode(conversation)
+        ids, offsets = reference_encoding(kind, paths[kind], encoder.render(conversation))
+        assert len(ids) > 1000
+        assert sample.tokens.tolist() == ids
+        assert [tuple(r) for r in sample.regions.tolist()] == expected_regions(
+            encoder, conversation, offsets
+        )
