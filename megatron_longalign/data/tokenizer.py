@@ -162,8 +162,8 @@ class SentencePieceTokenizer(TextTokenizer):
         """UTF-8 length of each piece's text ("▁" as one space; a byte piece is one
         byte). Pieces whose length in the input is not fixed (unknown, control) get a
         huge value, so a text holding one fails the length check and takes the proto."""
-        never = 1 << 40
-        lengths = np.full(self.vocab_size, never, dtype=np.int64)
+        never = 1 << 30  # summed in int64: one such piece exceeds any real text
+        lengths = np.full(self.vocab_size, never, dtype=np.int32)
         for index, piece in enumerate(proto.pieces):
             if piece.type == piece.NORMAL or piece.type == piece.USER_DEFINED:
                 if piece.type == piece.USER_DEFINED and "\u2581" in piece.piece:
@@ -176,23 +176,42 @@ class SentencePieceTokenizer(TextTokenizer):
     def encode(self, text: str) -> np.ndarray:
         return self._ids(text)
 
-    def _encode_with_anchors(self, text: str) -> tuple[np.ndarray, np.ndarray]:
-        """ids and each token's anchor as a byte offset into `text`."""
-        if self._lengths_are_offsets:
-            ids = self._ids(text)
-            if ids.size:
-                ends = np.cumsum(self._piece_bytes[ids])
-                extra = int(ends[-1]) - len(text.encode("utf-8"))
-                # The dummy prefix is the only text sentencepiece adds: one "▁" in front.
-                if extra == 0 or (
-                    extra == 1 and self._sp.id_to_piece(int(ids[0])).startswith("\u2581")
-                ):
-                    ends = np.maximum(ends - extra, 0)
-                    starts = np.concatenate([[0], ends[:-1]])
-                    return ids, _anchors(starts, ends)
-            elif not text.strip():
-                return ids, np.zeros(0, dtype=np.int64)
-        return self._encode_with_proto(text)
+    def _encode_with_cuts(self, text: str, positions: list[int]) -> tuple[np.ndarray, list[int]]:
+        """ids of `text`, and for each byte offset in `positions` the number of tokens
+        whose anchor lies before it (where a piece starting there begins)."""
+        fast = self._fast_token_ends(text)
+        if fast is None:
+            ids, anchors = self._encode_with_proto(text)
+            return ids, np.searchsorted(anchors, positions, "left").tolist()
+        ids, ends = fast
+        cuts = np.searchsorted(ends, positions, "left").tolist()
+        for index, (position, cut) in enumerate(zip(positions, cuts, strict=True)):
+            # Tokens ending before `position` are all before it. Of those ending exactly
+            # there, the first has characters (its last byte is before `position`); any
+            # after it are empty and sit at `position`.
+            start = ends[cut - 1] if cut else 0
+            if cut < ends.size and ends[cut] == position and start < position:
+                cuts[index] = cut + 1
+        return ids, cuts
+
+    def _fast_token_ends(self, text: str) -> tuple[np.ndarray, np.ndarray] | None:
+        """ids and each token's end as a byte offset, from the pieces' lengths; None when
+        the model normalises or the lengths do not add up (take the proto then)."""
+        if not self._lengths_are_offsets:
+            return None
+        ids = self._ids(text)
+        if not ids.size:
+            return (ids, np.zeros(0, dtype=np.int64)) if not text.strip() else None
+        ends = np.cumsum(self._piece_bytes[ids], dtype=np.int64)
+        size = len(text) if text.isascii() else len(text.encode("utf-8"))
+        extra = int(ends[-1]) - size
+        if extra == 0:
+            return ids, ends
+        # The dummy prefix is the only text sentencepiece adds: one "▁" in front.
+        if extra == 1 and self._sp.id_to_piece(int(ids[0])).startswith("\u2581"):
+            ends -= 1
+            return ids, ends
+        return None
 
     def _encode_with_proto(self, text: str) -> tuple[np.ndarray, np.ndarray]:
         from sentencepiece import sentencepiece_pb2
@@ -218,11 +237,13 @@ class SentencePieceTokenizer(TextTokenizer):
         def encode_run() -> None:
             if not run:
                 return
-            ids, anchors = self._encode_with_anchors("".join(run))
+            positions = []
             position = 0
             for text in run[:-1]:
                 position += len(text) if text.isascii() else len(text.encode("utf-8"))
-                bounds.append(bounds[0] + int(np.searchsorted(anchors, position, "left")))
+                positions.append(position)
+            ids, cuts = self._encode_with_cuts("".join(run), positions)
+            bounds.extend(bounds[0] + cut for cut in cuts)
             bounds.append(bounds[0] + ids.size)  # every token belongs to a piece of the run
             bounds[0] += ids.size
             parts.append(ids)

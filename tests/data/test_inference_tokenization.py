@@ -236,17 +236,16 @@ def test_any_text_matches_the_reference(paths, kind, conversation, template):
 @settings(max_examples=150, deadline=None)
 @given(text=st.text(alphabet=st.characters(blacklist_categories=("Cs",)), max_size=60))
 def test_sentencepiece_fast_offsets_equal_its_proto(text):
-    """The identity-normaliser shortcut (offsets from piece lengths) against
-    sentencepiece's own offsets, on any text, with and without a dummy prefix."""
+    """The identity-normaliser shortcut (token ends from piece lengths) against
+    sentencepiece's own offsets, on any text, with and without a dummy prefix: the token
+    where a piece starting at each character would begin."""
+    positions = sorted({len(text[:i].encode("utf-8")) for i in range(len(text) + 1)})
     for tokenizer in _sentencepiece_pair():
-        assert tokenizer._lengths_are_offsets
-        fast_ids, fast_anchors = tokenizer._encode_with_anchors(text)
+        assert tokenizer._fast_token_ends(text) is not None or not text.strip()
+        fast_ids, fast_cuts = tokenizer._encode_with_cuts(text, positions)
         ids, anchors = tokenizer._encode_with_proto(text)
         assert fast_ids.tolist() == ids.tolist()
-        # Anchors are byte offsets; piece boundaries fall between characters, so what
-        # must agree is the character each anchor lies in.
-        char_of_byte = [i for i, c in enumerate(text) for _ in c.encode("utf-8")] + [len(text)]
-        assert [char_of_byte[a] for a in fast_anchors] == [char_of_byte[a] for a in anchors]
+        assert fast_cuts == np.searchsorted(anchors, positions, "left").tolist()
 
 
 _PAIR: list[SentencePieceTokenizer] = []
