@@ -376,7 +376,9 @@ class HFTokenizer(TextTokenizer):
                 raise TokenizerError(f"{self.path}: cannot register the marker for id {token_id}")
             remap[marker_id] = token_id
         # Added last, so the markers have the largest ids of the copy.
-        self._first_marker_id = min(copy.token_to_id(m) for m in markers.values())
+        self._first_marker_id = min(
+            (copy.token_to_id(m) for m in markers.values()), default=remap.size
+        )
         # A special token flagged `normalized` is matched in normalised text; if the
         # normaliser rewrites it (Prepend("▁")), inference cannot produce it either.
         self._unplaceable = {

@@ -388,3 +388,22 @@ def test_long_samples_match_the_reference(paths, kind):
         assert [tuple(r) for r in sample.regions.tolist()] == expected_regions(
             encoder, conversation, offsets
         )
+
+
+def test_tokenizer_without_special_tokens_encodes_plain_text(tmp_path):
+    """No special tokens at all (no markers to place): plain text still encodes, and the
+    `plain` template's need for BOS/EOS is a clear mismatch."""
+    import json
+
+    from megatron_longalign.data.encoding import TemplateTokenizerMismatch
+
+    path = tmp_path / "tok"
+    train_hf_bpe(["hello world"] * 20, path, 300, special_tokens=())
+    spec = json.loads((path / "tokenizer.json").read_text())
+    spec["added_tokens"] = []
+    (path / "tokenizer.json").write_text(json.dumps(spec))
+    (path / "tokenizer_config.json").write_text("{}")
+    tokenizer = load_tokenizer(path)
+    assert tokenizer.decode(tokenizer.encode("hello world").tolist()) == "hello world"
+    with pytest.raises(TemplateTokenizerMismatch, match="BOS"):
+        SampleEncoder(tokenizer, get_template("plain"))
