@@ -231,7 +231,7 @@ class SentencePieceTokenizer(TextTokenizer):
         # Plain Python for the bookkeeping: a sample has a handful of pieces, and numpy's
         # per-call cost would dominate short chats.
         parts: list[np.ndarray] = []
-        bounds = [0]
+        bounds = [0]  # bounds[-1] is the number of tokens so far
         run: list[str] = []  # the texts since the last special token
 
         def encode_run() -> None:
@@ -243,23 +243,20 @@ class SentencePieceTokenizer(TextTokenizer):
                 position += len(text) if text.isascii() else len(text.encode("utf-8"))
                 positions.append(position)
             ids, cuts = self._encode_with_cuts("".join(run), positions)
-            bounds.extend(bounds[0] + cut for cut in cuts)
-            bounds.append(bounds[0] + ids.size)  # every token belongs to a piece of the run
-            bounds[0] += ids.size
+            total = bounds[-1]
+            bounds.extend(total + cut for cut in cuts)
+            bounds.append(total + ids.size)  # every token belongs to a piece of the run
             parts.append(ids)
             run.clear()
 
-        # bounds[0] is the running token count until the end, where it is reset to 0.
         for piece in pieces:
             if isinstance(piece, str):
                 run.append(piece)
                 continue
             encode_run()
             parts.append(np.array([piece], dtype=np.int32))
-            bounds[0] += 1
-            bounds.append(bounds[0])
+            bounds.append(bounds[-1] + 1)
         encode_run()
-        bounds[0] = 0
         ids = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int32)
         return ids.astype(np.int32, copy=False), np.asarray(bounds, dtype=np.int64)
 
@@ -398,10 +395,12 @@ class HFTokenizer(TextTokenizer):
     def encode_pieces(self, pieces: Sequence[str | int]) -> tuple[np.ndarray, np.ndarray]:
         copy, markers, remap = self._marked
         texts = []
+        specials = 0
         for piece in pieces:
             if isinstance(piece, str):
                 texts.append(piece)
             else:
+                specials += 1
                 marker = markers.get(int(piece))
                 if marker is None:
                     raise ValueError(f"{self.path}: token id {piece} is not a special token")
@@ -417,8 +416,7 @@ class HFTokenizer(TextTokenizer):
         text = "".join(texts)
         encoding = copy.encode(text, add_special_tokens=False)
         raw = np.asarray(encoding.ids, dtype=np.int64)
-        expected_markers = len(pieces) - sum(isinstance(p, str) for p in pieces)
-        if int((raw >= self._first_marker_id).sum()) != expected_markers:
+        if int((raw >= self._first_marker_id).sum()) != specials:
             raise ReservedTextError(
                 f"the text contains a character from U+{_MARKER_BASE:X}..U+"
                 f"{_MARKER_BASE + _MARKER_COUNT - 1:X}, which this tokenizer wrapper reserves "

@@ -105,6 +105,7 @@ import torch
 from megatron_longalign.config.training import RESUME_AUTO, RESUME_FRESH
 from megatron_longalign.data.planner import PlanPosition
 from megatron_longalign.training.checkpoint_io import load_sharded, save_sharded
+from megatron_longalign.utils.atomic_files import fsync_directory, write_text_durably
 
 logger = logging.getLogger(__name__)
 
@@ -587,25 +588,9 @@ def _check_state(state: TrainingState) -> None:
         raise ValueError(f"TrainingState.extra must be JSON-serialisable: {err}") from err
 
 
-def _fsync_dir(path: Path) -> None:
-    # A rename or new file is durable only once its directory entry is flushed.
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_durably(path: Path, text: str) -> None:
-    with open(path, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-
-
 def write_json_durably(path: Path, data: dict) -> None:
-    _write_durably(path, json.dumps(data, indent=1, sort_keys=True) + "\n")
-    _fsync_dir(path.parent)
+    write_text_durably(path, json.dumps(data, indent=1, sort_keys=True) + "\n")
+    fsync_directory(path.parent)
 
 
 def publish(temp_dir: Path, final_dir: Path) -> None:
@@ -621,7 +606,7 @@ def publish(temp_dir: Path, final_dir: Path) -> None:
             "%s was not a complete checkpoint (%s); moved it to %s", final_dir, problem, aside
         )
     os.rename(temp_dir, final_dir)
-    _fsync_dir(final_dir.parent)
+    fsync_directory(final_dir.parent)
 
 
 def set_aside(path: Path) -> Path:
@@ -629,16 +614,16 @@ def set_aside(path: Path) -> Path:
     step name, not a temp name, so nothing loads or deletes it)."""
     aside = path.with_name(f"{path.name}{_DAMAGED_TAG}{uuid.uuid4().hex[:12]}")
     os.rename(path, aside)
-    _fsync_dir(path.parent)
+    fsync_directory(path.parent)
     return aside
 
 
 def point_latest(root: Path, name: str) -> None:
     """Atomically make root/latest name `name` (temp file, fsync, os.replace)."""
     temp = root / f"{LATEST}{_TMP_TAG}{uuid.uuid4().hex[:12]}"
-    _write_durably(temp, name + "\n")
+    write_text_durably(temp, name + "\n")
     os.replace(temp, root / LATEST)
-    _fsync_dir(root)
+    fsync_directory(root)
 
 
 def read_latest(root: Path) -> str | None:
@@ -883,7 +868,7 @@ def remove_dir(path: Path) -> None:
     step name: rename it to a temp name first (a crash leaves only a temp dir)."""
     doomed = path.with_name(f"{path.name}{_TMP_TAG}deleting-{uuid.uuid4().hex[:12]}")
     os.rename(path, doomed)
-    _fsync_dir(path.parent)
+    fsync_directory(path.parent)
     shutil.rmtree(doomed)
 
 

@@ -100,19 +100,31 @@ def describe_os_error(err: OSError) -> str:
     return f"cannot {action} {path}: [Errno {err.errno}] {reason}; {fix}"
 
 
-def _fsync_directory(directory: Path) -> None:
-    """Make renames in `directory` durable (best effort where directories cannot be
-    opened, e.g. some network file systems)."""
+def fsync_directory(directory: str | os.PathLike, best_effort: bool = False) -> None:
+    """Make renames and new files in `directory` durable: a directory entry is on disk
+    only once the directory itself is fsynced. `best_effort` ignores directories that
+    cannot be opened or synced (some network file systems)."""
     try:
         fd = os.open(directory, os.O_RDONLY)
     except OSError:
-        return
+        if best_effort:
+            return
+        raise
     try:
         os.fsync(fd)
     except OSError:
-        pass
+        if not best_effort:
+            raise
     finally:
         os.close(fd)
+
+
+def write_text_durably(path: str | os.PathLike, text: str) -> None:
+    """Write `text` to `path` (UTF-8) and fsync it before returning."""
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def file_digest(path: Path, sync: bool = False) -> tuple[int, str]:
@@ -226,20 +238,18 @@ class AtomicFileSet:
         # The journal: a dead run's temporary manifest names the files it was publishing.
         manifest_temp = self._temp_name(MANIFEST_SUFFIX)
         text = json.dumps(manifest, indent=2, ensure_ascii=False) + "\n"
-        with naming(manifest_temp), open(manifest_temp, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
+        with naming(manifest_temp):
+            write_text_durably(manifest_temp, text)
         for suffix, temp in sorted(self._temps.items()):
             with naming(finals[suffix], "rename a file to"):
                 os.replace(temp, finals[suffix])
             self._renamed.append(finals[suffix])
-        _fsync_directory(self.directory)
+        fsync_directory(self.directory, best_effort=True)
         with naming(self.manifest, "replace"):
             os.replace(manifest_temp, self.manifest)  # the commit point
         self._committed = True
         self._temps.clear()
-        _fsync_directory(self.directory)
+        fsync_directory(self.directory, best_effort=True)
         keep = {p.resolve() for p in finals.values()}
         for path in previous:
             if path.resolve() not in keep:
