@@ -249,24 +249,28 @@ class SFTSample:
 
 class SFTIndexedDataset:
     """Reads the set written by `tools/preprocess.py` for output prefix P. Opening checks
-    the set (`open_dataset_files`; `verify=True` adds the sha256 of every file)."""
+    the set (`open_dataset_files`; `verify=True` adds the sha256 of every file).
+
+    Everything it hands out owns its memory: megatron's IndexedDataset unmaps its files
+    in `__del__`, so a view into them outliving the object would read freed memory (a
+    segfault). Its IndexedDatasets are private for that reason."""
 
     def __init__(self, prefix: str, verify: bool = False) -> None:
         IndexedDataset = indexed_dataset_module().IndexedDataset
         self.prefix = prefix
         self.files = open_dataset_files(prefix, verify=verify)
         self.metadata = self.files.metadata
-        self.tokens = IndexedDataset(self.files.megatron_prefix())
-        self.regions = IndexedDataset(self.files.megatron_prefix(regions=True))
+        self._tokens = IndexedDataset(self.files.megatron_prefix())
+        self._regions = IndexedDataset(self.files.megatron_prefix(regions=True))
         self._lengths = self.files.lengths
         self._target_counts: np.ndarray | None = None
 
     def __len__(self) -> int:
-        return len(self.tokens)
+        return len(self._tokens)
 
     @property
     def lengths(self) -> np.ndarray:
-        """Token count per sample (a copy: see __getitem__)."""
+        """Token count per sample (an array of its own, not a view of the index file)."""
         return self._lengths
 
     @property
@@ -281,9 +285,9 @@ class SFTIndexedDataset:
         return self._target_counts
 
     def __getitem__(self, index: int) -> SFTSample:
-        # Copies, not views: megatron's IndexedDataset closes its mmap in __del__, and a
-        # view that outlives the dataset object would read freed memory (a segfault).
-        return SFTSample(np.array(self.tokens[index]), np.array(self.regions[index]).reshape(-1, 3))
+        # Copies, not views (see the class docstring).
+        tokens = np.array(self._tokens[index])
+        return SFTSample(tokens, np.array(self._regions[index]).reshape(-1, 3))
 
 
 def _predicted_targets(regions_prefix: str, num_samples: int) -> np.ndarray:

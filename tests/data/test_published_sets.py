@@ -389,3 +389,28 @@ def test_verify_command_line(small_set, capsys):
     _truncate(_member(small_set, ".idx"))
     assert cli.main(["--verify", str(small_set)]) == 1
     assert "truncated" in capsys.readouterr().err
+
+
+# ---- nothing handed out outlives megatron's mmap --------------------------------------------
+
+
+def test_the_reader_hands_out_no_views_of_megatrons_mapped_files(tmp_path):
+    """megatron's IndexedDataset unmaps its files in __del__: a view into them that
+    outlives the object segfaults. Samples and lengths must own their memory, and the
+    IndexedDataset objects themselves are not public attributes."""
+    import gc
+
+    from megatron_longalign.data.indexed import indexed_dataset_module
+
+    random_set(tmp_path / "ds", [5, 9, 3], seed=1)
+    dataset = SFTIndexedDataset(str(tmp_path / "ds"))
+    megatron_type = indexed_dataset_module().IndexedDataset
+    public = {k: v for k, v in vars(dataset).items() if not k.startswith("_")}
+    assert not [k for k, v in public.items() if isinstance(v, megatron_type)]
+    sample, lengths = dataset[1], dataset.lengths
+    del dataset
+    gc.collect()
+    for array in (sample.tokens, sample.regions, lengths):
+        assert array.flags.owndata or array.base is None or isinstance(array.base, np.ndarray)
+        assert not isinstance(array.base, np.memmap) and not isinstance(array, np.memmap)
+    assert sample.tokens.size == 9 and lengths.tolist() == [5, 9, 3]
