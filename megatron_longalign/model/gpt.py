@@ -43,6 +43,7 @@ from torch import Tensor
 from megatron_longalign.model.attention import CORE_ATTENTION_MODULES, packed_seq_params_from
 from megatron_longalign.model.backends import import_te_layer_spec_fn, resolve_attention_backend
 from megatron_longalign.model.config import ModelConfig, RopeScalingConfig
+from megatron_longalign.parallel.context_parallel import context_parallel_token_index
 
 if TYPE_CHECKING:
     from megatron.core.transformer.transformer_config import TransformerConfig
@@ -184,25 +185,10 @@ def _place_for_context_parallel(
     local: Tensor, cu_seqlens: Tensor, cp_size: int, cp_rank: int
 ) -> Tensor:
     """A [cu_seqlens[-1], ...] table whose rows megatron's THD RoPE reads on this CP rank
-    hold this rank's local angles. Megatron reads, for document d of (padded) length L
-    starting at s, with n = L / cp_size and c = n / 2, rows [s + r*c, s + (r+1)*c) for
-    the rank's first chunk and [s + L - (r+1)*c, s + L - r*c) for its second; the local
-    tokens are those two chunks back to back, document after document."""
-    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
-    starts = cu_seqlens[:-1].long()
-    local_lengths = lengths // cp_size
-    chunk = local_lengths // 2
-    doc = torch.repeat_interleave(
-        torch.arange(lengths.numel(), device=lengths.device), local_lengths
-    )
-    local_starts = torch.cumsum(local_lengths, 0) - local_lengths
-    u = torch.arange(doc.numel(), device=lengths.device) - local_starts[doc]  # offset in doc
-    first = u < chunk[doc]
-    rows = torch.where(
-        first,
-        starts[doc] + cp_rank * chunk[doc] + u,
-        starts[doc] + lengths[doc] - (cp_rank + 1) * chunk[doc] + (u - chunk[doc]),
-    )
+    hold this rank's local angles. Megatron reads the rows of the rank's two chunks of
+    every (padded) document, back to back, document after document: TE's load-balanced
+    layout (`context_parallel_token_index`)."""
+    rows = context_parallel_token_index(cu_seqlens, cp_size, cp_rank)
     if rows.numel() != local.size(0):
         raise ValueError(
             f"{local.size(0)} local position ids, but cu_seqlens / CP {cp_size} give {rows.numel()}"
