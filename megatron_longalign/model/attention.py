@@ -46,6 +46,7 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 from torch import Tensor
 
+from megatron_longalign.megatron_compat import cache_on_packed_seq_params
 from megatron_longalign.model.backends import import_flash_attn_varlen, import_flex_attention
 from megatron_longalign.parallel.context_parallel import (
     ContextParallelView,
@@ -283,7 +284,7 @@ class _PackedCoreAttention(MegatronModule):
         self, q: Tensor, k: Tensor, v: Tensor, packed: PackedSeqParams
     ) -> Tensor:
         """Local queries against the CP group's gathered keys and values."""
-        view = _cached(
+        view = cache_on_packed_seq_params(
             packed,
             "cp_view",
             lambda: ContextParallelView.build(
@@ -306,7 +307,9 @@ class SDPACoreAttention(_PackedCoreAttention):
     backend = "sdpa"
 
     def _attend(self, q: Tensor, k: Tensor, v: Tensor, packed: PackedSeqParams) -> Tensor:
-        bounds = _cached(packed, "bounds", lambda: layout_cu_seqlens(packed).tolist())
+        bounds = cache_on_packed_seq_params(
+            packed, "bounds", lambda: layout_cu_seqlens(packed).tolist()
+        )
         return sdpa_varlen(q, k, v, bounds, self.softmax_scale)
 
     def _attend_gathered(
@@ -327,7 +330,7 @@ class FlexCoreAttention(_PackedCoreAttention):
         import_flex_attention()  # fail at build time, not in the first step
 
     def _attend(self, q: Tensor, k: Tensor, v: Tensor, packed: PackedSeqParams) -> Tensor:
-        block_mask = _cached(
+        block_mask = cache_on_packed_seq_params(
             packed, "flex_block_mask", lambda: document_causal_block_mask(layout_cu_seqlens(packed))
         )
         return self._flex(q, k, v, block_mask)
@@ -335,7 +338,7 @@ class FlexCoreAttention(_PackedCoreAttention):
     def _attend_gathered(
         self, q: Tensor, k: Tensor, v: Tensor, view: ContextParallelView, packed: PackedSeqParams
     ) -> Tensor:
-        block_mask = _cached(
+        block_mask = cache_on_packed_seq_params(
             packed,
             "cp_flex_block_mask",
             lambda: document_causal_block_mask(
@@ -452,7 +455,7 @@ def check_self_attention_thd(packed: PackedSeqParams, num_tokens: int, cp_size: 
                 raise ValueError("cu_seqlens_q_padded must pad each document of cu_seqlens_q")
         return True
 
-    _cached(packed, "checked", check)
+    cache_on_packed_seq_params(packed, "checked", check)
 
 
 def _context_parallel_group(pg_collection: Any) -> Any:
@@ -462,17 +465,6 @@ def _context_parallel_group(pg_collection: Any) -> Any:
 
         group = parallel_state.get_context_parallel_group()
     return group
-
-
-def _cached(packed: PackedSeqParams, key: str, build: Callable[[], Any]) -> Any:
-    """Memoise per-micro-batch data on the PackedSeqParams object itself: every layer
-    gets the same object, so host syncs and block masks happen once, not per layer."""
-    name = f"_longalign_{key}"
-    value = packed.__dict__.get(name)
-    if value is None:
-        value = build()
-        packed.__dict__[name] = value
-    return value
 
 
 _COMPILED_FLEX: Callable | None = None

@@ -40,6 +40,7 @@ from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.transformer.spec_utils import ModuleSpec
 from torch import Tensor
 
+from megatron_longalign import megatron_compat
 from megatron_longalign.model.attention import CORE_ATTENTION_MODULES, packed_seq_params_from
 from megatron_longalign.model.backends import import_te_layer_spec_fn, resolve_attention_backend
 from megatron_longalign.model.config import ModelConfig, RopeScalingConfig
@@ -79,11 +80,8 @@ def llama3_scaled_inv_freq(inv_freq: Tensor, scaling: RopeScalingConfig) -> Tens
         otherwise, s = (old / w - low_freq_factor) / (high_freq_factor - low_freq_factor):
                                      (1 - s) * f / factor + s * f
     megatron's GPTModel only exposes `factor` (the rest fixed at 1, 4, 8192), so we call
-    its method with all four values."""
-    from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
-
-    return RotaryEmbedding._apply_scaling(
-        None,  # the method does not use self
+    its method with all four values (megatron_compat.py, section 3)."""
+    return megatron_compat.llama3_scale_inv_freq(
         inv_freq,
         factor=scaling.factor,
         low_freq_factor=scaling.low_freq_factor,
@@ -143,7 +141,8 @@ class LongAlignGPTModel(GPTModel):
             padding_mask=padding_mask,
         )
         # Inference keeps megatron's own (KV-cache aware) rotary handling.
-        if output[1] is None or inference_context is not None:
+        rotary = megatron_compat.preprocess_rotary_pos_emb(output)
+        if rotary is None or inference_context is not None:
             return output
         if position_ids is None:
             # megatron would silently restart positions per document, dropping SkipAlign's.
@@ -152,7 +151,7 @@ class LongAlignGPTModel(GPTModel):
                 "pipeline stage, not only the first)"
             )
         rotary = self._rotary_from_positions(position_ids, packed_seq_params)
-        return (output[0], rotary, *output[2:])
+        return megatron_compat.with_preprocess_rotary_pos_emb(output, rotary)
 
     def _rotary_from_positions(
         self, position_ids: Tensor, packed_seq_params: PackedSeqParams | None
