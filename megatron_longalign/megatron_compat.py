@@ -233,7 +233,7 @@ class SyncTorchDistSaveStrategy(TorchDistSaveShardedStrategy):
 # the original context fixed at 1, 4, 8192). `RotaryEmbedding._apply_scaling` takes all
 # four but is a private method; it does not use `self`, so we call it unbound with None.
 # Upgrade check: the method's name, its keyword names, and that it ignores `self`
-# (tests/model/test_gpt.py compares against HF's formula).
+# (tests/model/test_gpt.py checks it against Meta's published formula).
 
 
 def llama3_scale_inv_freq(
@@ -266,7 +266,7 @@ def llama3_scale_inv_freq(
 # rotary_pos_cos_sin]), and `GPTModel.forward` unpacks it by position. model/gpt.py
 # overrides `_preprocess` to replace the rotary embedding (RoPE from position ids), so
 # it must know which element that is. Upgrade check: the tuple's order in
-# `_preprocess` and in `forward` (tests/model/test_gpt.py: positions reach RoPE).
+# `_preprocess` and in `forward` (tests/model/test_gpt.py: explicit positions reach RoPE).
 
 _PREPROCESS_ROTARY_POS_EMB = 1
 
