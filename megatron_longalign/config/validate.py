@@ -28,6 +28,7 @@ from megatron_longalign.config.training import (
     WANDB_MODES,
     LongAlignConfig,
 )
+from megatron_longalign.parallel import context_parallel
 from megatron_longalign.training.preemption import signal_number
 
 
@@ -175,8 +176,9 @@ def _pad_multiple_needed(config: LongAlignConfig) -> tuple[int, list[str]]:
 def document_multiple(config: LongAlignConfig) -> int:
     """What every document is padded to a multiple of: data.pad_documents_to_multiple_of,
     and 2 x CP for context parallelism (each document is cut into 2 x CP chunks)."""
-    cp = config.parallel.context_parallel_size
-    return math.lcm(config.data.pad_documents_to_multiple_of, 2 * cp if cp > 1 else 1)
+    return context_parallel.document_multiple(
+        config.data.pad_documents_to_multiple_of, config.parallel.context_parallel_size
+    )
 
 
 def _data_problems(config: LongAlignConfig, world_size: int) -> list[str]:

@@ -10,8 +10,8 @@ weight 0 and label 0, and an empty plan becomes a single zero-weight pad documen
 Context parallelism (`document_multiple` = 2 * CP) pads every document to a multiple of
 that with zero-weight tokens at its end (after the real tokens, so causal attention of
 the real tokens is unchanged). Then, in megatron-core's convention, `cu_seqlens` counts
-real lengths and `cu_seqlens_padded` gives the token layout; data/context_parallel.py
-cuts the result into each CP rank's share.
+real lengths and `cu_seqlens_padded` gives the token layout; `shard_for_context_parallel`
+cuts the result into each CP rank's share (the layout: parallel/context_parallel.py).
 """
 
 from __future__ import annotations
@@ -27,6 +27,10 @@ from megatron_longalign.data.positions import (
     SkipAlignConfig,
     sample_rng,
     skipalign_position_ids,
+)
+from megatron_longalign.parallel.context_parallel import (
+    context_parallel_token_index,
+    local_document_bounds,
 )
 
 
@@ -62,7 +66,7 @@ class MicroBatch:
     def local_document_bounds(self) -> np.ndarray:
         """Document boundaries in the locally held arrays: each CP rank holds 1 / CP of
         every (padded) document, its two chunks back to back."""
-        return self.layout_cu_seqlens // self.cp_size
+        return local_document_bounds(self.layout_cu_seqlens, self.cp_size)
 
     @property
     def num_documents(self) -> int:
@@ -169,3 +173,29 @@ class MicroBatchBuilder:
         )
         rng = sample_rng(self.seed, epoch, sample_id)
         return skipalign_position_ids(length, sample.regions, config, rng)
+
+
+def shard_for_context_parallel(microbatch: MicroBatch, cp_size: int, cp_rank: int) -> MicroBatch:
+    """This CP rank's share of a whole (already document-padded) micro-batch. With
+    cp_size 1 the micro-batch is returned unchanged."""
+    if cp_size == 1:
+        return microbatch
+    if microbatch.cp_size != 1:
+        raise ValueError("the micro-batch is already sharded for context parallelism")
+    layout = microbatch.layout_cu_seqlens
+    if int(layout[-1]) != microbatch.num_tokens:
+        raise ValueError(
+            f"cu_seqlens_padded ends at {int(layout[-1])} but the micro-batch has "
+            f"{microbatch.num_tokens} tokens"
+        )
+    index = context_parallel_token_index(layout, cp_size, cp_rank)
+    return replace(
+        microbatch,
+        tokens=microbatch.tokens[index],
+        labels=microbatch.labels[index],
+        loss_weights=microbatch.loss_weights[index],
+        position_ids=microbatch.position_ids[index],
+        cu_seqlens_padded=layout,
+        cp_size=cp_size,
+        cp_rank=cp_rank,
+    )

@@ -20,7 +20,7 @@ layout is used as the documents. Pad tokens sit at the end of their document, so
 real tokens' causal attention is unchanged, and pad outputs have zero loss weight.
 
 Context parallelism (`sdpa` and `flex`; `te` has its own): each CP rank holds chunks r
-and 2*CP-1-r of every padded document (data/context_parallel.py). Queries stay local;
+and 2*CP-1-r of every padded document (parallel/context_parallel.py). Queries stay local;
 K and V are all-gathered over the CP group (an autograd all-gather whose backward
 reduce-scatters the K/V gradients back to their owners) and put back in global order;
 the document-causal mask compares global positions. Memory is O(T) for K/V per layer,
@@ -36,10 +36,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from megatron.core.packed_seq_params import PackedSeqParams
@@ -48,8 +46,12 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 from torch import Tensor
 
-from megatron_longalign.data.context_parallel import context_parallel_token_index
+from megatron_longalign.megatron_compat import cache_on_packed_seq_params
 from megatron_longalign.model.backends import import_flash_attn_varlen, import_flex_attention
+from megatron_longalign.parallel.context_parallel import (
+    ContextParallelView,
+    gather_context_parallel_kv,
+)
 
 FLEX_BLOCK_SIZE = 128
 
@@ -157,80 +159,6 @@ def _blocks_to_indices(blocks: Tensor) -> tuple[Tensor, Tensor]:
     # A stable sort of "not selected" puts the selected columns first, in column order.
     order = torch.sort((~blocks).to(torch.int8), dim=-1, stable=True).indices
     return counts[None, None], order.to(torch.int32)[None, None]
-
-
-@dataclass(frozen=True)
-class ContextParallelView:
-    """Where this CP rank's tokens sit in the whole micro-batch, computed once per
-    micro-batch from the layout (padded) document boundaries."""
-
-    layout: list[int]  # document boundaries of the whole (padded) micro-batch
-    local_bounds: list[int]  # the same boundaries in this rank's local tokens
-    query_index: Tensor  # [T_local] global position of each local token, increasing
-    gather_order: Tensor  # [T] for global position g, its row in the rank-ordered all-gather
-    last_query_position: list[int]  # per document: global position of its last local token
-
-    @classmethod
-    def build(
-        cls, layout_cu_seqlens: Tensor, cp_size: int, cp_rank: int, device: torch.device
-    ) -> ContextParallelView:
-        layout = layout_cu_seqlens.detach().cpu().numpy().astype(np.int64)
-        per_rank = [context_parallel_token_index(layout, cp_size, r) for r in range(cp_size)]
-        gathered_positions = np.concatenate(per_rank)
-        local_bounds = layout // cp_size
-        # Documents hold >= 2 * CP tokens, so every rank has >= 2 of each.
-        last = per_rank[cp_rank][np.maximum(local_bounds[1:] - 1, 0)]
-        return cls(
-            layout=layout.tolist(),
-            local_bounds=local_bounds.tolist(),
-            query_index=torch.as_tensor(per_rank[cp_rank], device=device),
-            gather_order=torch.as_tensor(np.argsort(gathered_positions), device=device),
-            last_query_position=last.tolist(),
-        )
-
-
-class _AllGatherFirstDim(torch.autograd.Function):
-    """All-gather along dim 0 in group-rank order; backward sums every rank's gradient
-    and returns this rank's rows (a reduce-scatter).
-
-    Not torch.distributed.nn.functional.all_gather: its gloo backward (an all-to-all
-    built from scatter calls) passes group ranks where global ranks are expected, so it
-    fails on any subgroup not starting at global rank 0, e.g. the CP groups of TP2xCP2.
-    """
-
-    @staticmethod
-    def forward(ctx, tensor: Tensor, group: Any) -> Tensor:
-        ctx.group = group
-        parts = [torch.empty_like(tensor) for _ in range(group.size())]
-        torch.distributed.all_gather(parts, tensor.contiguous(), group=group)
-        return torch.cat(parts, dim=0)
-
-    @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
-        group = ctx.group
-        rows = grad.size(0) // group.size()
-        grad = grad.contiguous()
-        if torch.distributed.get_backend(group) == "nccl":
-            out = grad.new_empty(rows, *grad.shape[1:])
-            torch.distributed.reduce_scatter_tensor(out, grad, group=group)
-            return out, None
-        # gloo has no reduce-scatter: all-reduce, keep this rank's rows.
-        torch.distributed.all_reduce(grad, group=group)
-        rank = group.rank()
-        return grad[rank * rows : (rank + 1) * rows].clone(), None
-
-
-def gather_context_parallel_kv(
-    k: Tensor, v: Tensor, group: Any, gather_order: Tensor
-) -> tuple[Tensor, Tensor]:
-    """All CP ranks' keys and values, [T, kv_heads, dim] each, in global token order.
-    The backward reduce-scatters the K/V gradients to their owners, so each rank's K/V
-    receive every rank's queries' contributions."""
-    if k.shape != v.shape:
-        raise NotImplementedError("context-parallel K/V gather needs equal K and V shapes")
-    kv = torch.cat([k, v], dim=-1)  # one collective for both
-    full = _AllGatherFirstDim.apply(kv, group).index_select(0, gather_order)
-    return full.split(k.size(-1), dim=-1)
 
 
 def sdpa_varlen_context_parallel(
@@ -356,7 +284,7 @@ class _PackedCoreAttention(MegatronModule):
         self, q: Tensor, k: Tensor, v: Tensor, packed: PackedSeqParams
     ) -> Tensor:
         """Local queries against the CP group's gathered keys and values."""
-        view = _cached(
+        view = cache_on_packed_seq_params(
             packed,
             "cp_view",
             lambda: ContextParallelView.build(
@@ -379,7 +307,9 @@ class SDPACoreAttention(_PackedCoreAttention):
     backend = "sdpa"
 
     def _attend(self, q: Tensor, k: Tensor, v: Tensor, packed: PackedSeqParams) -> Tensor:
-        bounds = _cached(packed, "bounds", lambda: layout_cu_seqlens(packed).tolist())
+        bounds = cache_on_packed_seq_params(
+            packed, "bounds", lambda: layout_cu_seqlens(packed).tolist()
+        )
         return sdpa_varlen(q, k, v, bounds, self.softmax_scale)
 
     def _attend_gathered(
@@ -400,7 +330,7 @@ class FlexCoreAttention(_PackedCoreAttention):
         import_flex_attention()  # fail at build time, not in the first step
 
     def _attend(self, q: Tensor, k: Tensor, v: Tensor, packed: PackedSeqParams) -> Tensor:
-        block_mask = _cached(
+        block_mask = cache_on_packed_seq_params(
             packed, "flex_block_mask", lambda: document_causal_block_mask(layout_cu_seqlens(packed))
         )
         return self._flex(q, k, v, block_mask)
@@ -408,7 +338,7 @@ class FlexCoreAttention(_PackedCoreAttention):
     def _attend_gathered(
         self, q: Tensor, k: Tensor, v: Tensor, view: ContextParallelView, packed: PackedSeqParams
     ) -> Tensor:
-        block_mask = _cached(
+        block_mask = cache_on_packed_seq_params(
             packed,
             "cp_flex_block_mask",
             lambda: document_causal_block_mask(
@@ -525,7 +455,7 @@ def check_self_attention_thd(packed: PackedSeqParams, num_tokens: int, cp_size: 
                 raise ValueError("cu_seqlens_q_padded must pad each document of cu_seqlens_q")
         return True
 
-    _cached(packed, "checked", check)
+    cache_on_packed_seq_params(packed, "checked", check)
 
 
 def _context_parallel_group(pg_collection: Any) -> Any:
@@ -535,17 +465,6 @@ def _context_parallel_group(pg_collection: Any) -> Any:
 
         group = parallel_state.get_context_parallel_group()
     return group
-
-
-def _cached(packed: PackedSeqParams, key: str, build: Callable[[], Any]) -> Any:
-    """Memoise per-micro-batch data on the PackedSeqParams object itself: every layer
-    gets the same object, so host syncs and block masks happen once, not per layer."""
-    name = f"_longalign_{key}"
-    value = packed.__dict__.get(name)
-    if value is None:
-        value = build()
-        packed.__dict__[name] = value
-    return value
 
 
 _COMPILED_FLEX: Callable | None = None

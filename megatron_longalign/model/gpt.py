@@ -40,9 +40,11 @@ from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.transformer.spec_utils import ModuleSpec
 from torch import Tensor
 
+from megatron_longalign import megatron_compat
 from megatron_longalign.model.attention import CORE_ATTENTION_MODULES, packed_seq_params_from
 from megatron_longalign.model.backends import import_te_layer_spec_fn, resolve_attention_backend
 from megatron_longalign.model.config import ModelConfig, RopeScalingConfig
+from megatron_longalign.parallel.context_parallel import context_parallel_token_index
 
 if TYPE_CHECKING:
     from megatron.core.transformer.transformer_config import TransformerConfig
@@ -78,11 +80,8 @@ def llama3_scaled_inv_freq(inv_freq: Tensor, scaling: RopeScalingConfig) -> Tens
         otherwise, s = (old / w - low_freq_factor) / (high_freq_factor - low_freq_factor):
                                      (1 - s) * f / factor + s * f
     megatron's GPTModel only exposes `factor` (the rest fixed at 1, 4, 8192), so we call
-    its method with all four values."""
-    from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
-
-    return RotaryEmbedding._apply_scaling(
-        None,  # the method does not use self
+    its method with all four values (megatron_compat.py, section 3)."""
+    return megatron_compat.llama3_scale_inv_freq(
         inv_freq,
         factor=scaling.factor,
         low_freq_factor=scaling.low_freq_factor,
@@ -142,7 +141,8 @@ class LongAlignGPTModel(GPTModel):
             padding_mask=padding_mask,
         )
         # Inference keeps megatron's own (KV-cache aware) rotary handling.
-        if output[1] is None or inference_context is not None:
+        rotary = megatron_compat.preprocess_rotary_pos_emb(output)
+        if rotary is None or inference_context is not None:
             return output
         if position_ids is None:
             # megatron would silently restart positions per document, dropping SkipAlign's.
@@ -151,7 +151,7 @@ class LongAlignGPTModel(GPTModel):
                 "pipeline stage, not only the first)"
             )
         rotary = self._rotary_from_positions(position_ids, packed_seq_params)
-        return (output[0], rotary, *output[2:])
+        return megatron_compat.with_preprocess_rotary_pos_emb(output, rotary)
 
     def _rotary_from_positions(
         self, position_ids: Tensor, packed_seq_params: PackedSeqParams | None
@@ -184,25 +184,10 @@ def _place_for_context_parallel(
     local: Tensor, cu_seqlens: Tensor, cp_size: int, cp_rank: int
 ) -> Tensor:
     """A [cu_seqlens[-1], ...] table whose rows megatron's THD RoPE reads on this CP rank
-    hold this rank's local angles. Megatron reads, for document d of (padded) length L
-    starting at s, with n = L / cp_size and c = n / 2, rows [s + r*c, s + (r+1)*c) for
-    the rank's first chunk and [s + L - (r+1)*c, s + L - r*c) for its second; the local
-    tokens are those two chunks back to back, document after document."""
-    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
-    starts = cu_seqlens[:-1].long()
-    local_lengths = lengths // cp_size
-    chunk = local_lengths // 2
-    doc = torch.repeat_interleave(
-        torch.arange(lengths.numel(), device=lengths.device), local_lengths
-    )
-    local_starts = torch.cumsum(local_lengths, 0) - local_lengths
-    u = torch.arange(doc.numel(), device=lengths.device) - local_starts[doc]  # offset in doc
-    first = u < chunk[doc]
-    rows = torch.where(
-        first,
-        starts[doc] + cp_rank * chunk[doc] + u,
-        starts[doc] + lengths[doc] - (cp_rank + 1) * chunk[doc] + (u - chunk[doc]),
-    )
+    hold this rank's local angles. Megatron reads the rows of the rank's two chunks of
+    every (padded) document, back to back, document after document: TE's load-balanced
+    layout (`context_parallel_token_index`)."""
+    rows = context_parallel_token_index(cu_seqlens, cp_size, cp_rank)
     if rows.numel() != local.size(0):
         raise ValueError(
             f"{local.size(0)} local position ids, but cu_seqlens / CP {cp_size} give {rows.numel()}"

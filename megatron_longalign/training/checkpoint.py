@@ -55,7 +55,8 @@ What is stored where:
   `optimizer.load_state_dict` (megatron-core 0.16.1's API, used as Megatron-LM uses
   it). megatron's branch for torch's Adam (its fallback without TE/apex: CPU runs) has
   bugs around Adam's per-parameter 'step' that would break an exact resume; that case
-  is loaded step by step here (`_load_dist_torch_adam`), the TE/apex path is untouched;
+  is loaded step by step (`megatron_compat.load_optimizer_state_dict`), the TE/apex
+  path is untouched;
 - scheduler `state_dict()`, the `TrainingState` and the layout: the common part
   (`common.pt`, written by rank 0);
 - RNG (python `random`, numpy, torch CPU, torch CUDA, megatron's CUDA RNG tracker):
@@ -102,6 +103,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from megatron_longalign import megatron_compat
 from megatron_longalign.config.training import RESUME_AUTO, RESUME_FRESH
 from megatron_longalign.data.planner import PlanPosition
 from megatron_longalign.training.checkpoint_io import load_sharded, save_sharded
@@ -305,7 +307,7 @@ class CheckpointManager:
 
         metadata = marker["sharding_metadata"]  # build the request in the saved format
         if optimizer is not None:
-            _prime_empty_torch_adam(optimizer)
+            megatron_compat.prime_empty_torch_adam(optimizer)
         sharded = _module_sharded_state_dict(model, optimizer, metadata, is_loading=True)
         if same_layout:
             sharded[_RNG_KEY] = _rng_sharded_object(None)
@@ -382,102 +384,14 @@ def _module_sharded_state_dict(
     return sharded
 
 
-def _dist_optimizer_parts(optimizer) -> list:
-    """The megatron optimizers a (possibly chained) optimizer is made of."""
-    return list(getattr(optimizer, "chained_optimizers", [optimizer]))
-
-
-def _is_dist_torch_adam(part) -> bool:
-    """A megatron DistributedOptimizer over torch's Adam/AdamW: megatron's fallback
-    without TE/apex (CPU runs). Its checkpoint path needs the fixes below; TE/apex
-    FusedAdam (GPU) keeps the step in param_groups and goes through megatron as is."""
-    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
-
-    inner = getattr(part, "optimizer", None)
-    return isinstance(part, DistributedOptimizer) and isinstance(inner, torch.optim.Adam)
-
-
-def _prime_empty_torch_adam(optimizer) -> None:
-    """Give a fresh distributed optimizer over torch's Adam zero state.
-
-    megatron-core 0.16.1's `DistributedOptimizer.state_dict()`, which its
-    `sharded_state_dict(is_loading=True)` calls, asserts that torch's Adam already has
-    per-parameter state with a 'step'. A fresh optimizer has none, so a resume would
-    fail before reading anything. The load overwrites every value set here.
-    """
-    for part in filter(_is_dist_torch_adam, _dist_optimizer_parts(optimizer)):
-        inner = part.optimizer
-        if inner.state:
-            continue
-        for group in inner.param_groups:
-            for param in group["params"]:
-                inner.state[param].update(
-                    exp_avg=torch.zeros_like(param),
-                    exp_avg_sq=torch.zeros_like(param),
-                    step=torch.tensor(0.0),
-                )
-
-
 def load_optimizer_state(optimizer, state) -> None:
     """`optimizer.load_state_dict(state)` for a state built by `sharded_state_dict`
-    (megatron's API), with the torch-Adam fixes of `_load_dist_torch_adam`."""
-    parts = _dist_optimizer_parts(optimizer)
-    # With fp32 params the distributed optimizer's main params are views of the
-    # model's leaf parameters; megatron copies into them in place.
-    with torch.no_grad():
-        if not any(_is_dist_torch_adam(part) for part in parts):
-            optimizer.load_state_dict(state)
-            return
-        # ChainedOptimizer.load_state_dict's own split: one state per part.
-        if len(parts) == 1:
-            part_states = [state]
-        elif isinstance(state, dict):
-            part_states = [v for _, v in sorted(state.items())]
-        else:
-            part_states = list(state)
-        for part, part_state in zip(parts, part_states, strict=True):
-            if _is_dist_torch_adam(part):
-                _load_dist_torch_adam(part, part_state)
-            else:
-                part.load_state_dict(part_state)
-
-
-_PARAM_STATE_LOADERS = {
-    "dp_reshardable": "load_parameter_state_from_dp_reshardable",
-    "fully_reshardable": "load_parameter_state_from_fully_reshardable",
-}
-
-
-def _load_dist_torch_adam(part, state: dict) -> None:
-    """`DistributedOptimizer.load_state_dict` for torch's Adam, step by step.
-
-    megatron-core 0.16.1 mishandles torch Adam's per-parameter 'step' here:
-    - after setting it from the checkpoint, the parameter-state load copies every key
-      of the live state from the loaded tensors: "fully_reshardable" has no 'step'
-      there (KeyError), and "dp_reshardable" holds the pre-load step (it would undo
-      the restore);
-    - it puts one and the same step tensor into every parameter's state, which torch's
-      Adam then increments once per parameter.
-    So: load the common part (param groups, which carry the checkpoint's step), take
-    'step' out of the live state, load the parameter state, and give every parameter
-    its own tensor with the checkpoint's step.
-    """
-    state = dict(state)
-    param_state = state.pop("param_state")
-    sharding_type = state.pop("param_state_sharding_type")
-    if sharding_type not in _PARAM_STATE_LOADERS:
-        raise CheckpointError(f"optimizer state format {sharding_type!r} is not supported")
-    part.load_state_dict(state)  # no param_state: groups, step, state allocation only
-    inner = part.optimizer
-    for param_state_of_one in inner.state.values():
-        param_state_of_one.pop("step", None)
-    getattr(part, _PARAM_STATE_LOADERS[sharding_type])(param_state)
-    for group in inner.param_groups:
-        step = group.pop("step", None)  # megatron's load leaves the checkpoint's step here
-        if step is None and group["params"]:
-            raise CheckpointError("the loaded optimizer param group has no Adam 'step'")
-        for param in group["params"]:
-            inner.state[param]["step"] = torch.tensor(float(step))
+    (megatron's API), with the torch-Adam fixes of
+    `megatron_compat.load_optimizer_state_dict`."""
+    try:
+        megatron_compat.load_optimizer_state_dict(optimizer, state)
+    except megatron_compat.OptimizerStateError as err:
+        raise CheckpointError(str(err)) from err
 
 
 def current_layout(model: list) -> dict[str, int]:

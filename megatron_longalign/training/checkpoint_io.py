@@ -1,20 +1,10 @@
 """Low-level sharded checkpoint I/O: megatron-core dist_checkpointing in torch_dist format.
 
-Why not `dist_checkpointing.save` with its default strategy: the default torch_dist
-strategy writes through `FileSystemWriterAsync`, even for a synchronous save. It starts
-a `multiprocessing.Manager` (a spawned process) and forks one writer process per file
-bucket. Each writer calls `_process_memory()` before its try block, and that raises when
-psutil is missing (megatron-core does not depend on it). The writer then dies without
-marking its queue task done, and the parent waits in `JoinableQueue.join()` forever.
-That was the "hang on CPU". Forking a process that runs gloo threads is fragile in any
-case.
-
-`SyncTorchDistSaveStrategy` keeps megatron's translation to PyTorch distributed
-checkpoint (DCP) objects and megatron's save planner. It writes with PyTorch's own
-synchronous `FileSystemWriter`, in the calling process, with no extra processes. The
-result is the same torch_dist checkpoint: `metadata.json` (backend torch_dist,
-version 1), `common.pt`, DCP `.metadata` and `__<rank>_<i>.distcp` files. Megatron's
-default load strategy reads it on GPU or CPU, and it reshards to any TP/PP layout.
+Saves are synchronous, in the calling process, through
+`megatron_compat.SyncTorchDistSaveStrategy` (megatron-core 0.16.1's default torch_dist
+writer forks writer processes and hangs without psutil; see megatron_compat.py, section
+2). The result is megatron's own torch_dist checkpoint: megatron's default load
+strategy reads it on GPU or CPU, and it reshards to any TP/PP layout.
 """
 
 from __future__ import annotations
@@ -22,43 +12,9 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-import torch
 from megatron.core import dist_checkpointing
-from megatron.core.dist_checkpointing.strategies.torch import (
-    MCoreSavePlanner,
-    TorchDistSaveShardedStrategy,
-    _replace_state_dict_keys_with_sharded_keys,
-    mcore_to_pyt_state_dict,
-)
-from torch.distributed.checkpoint import FileSystemWriter
 
-_BACKEND = "torch_dist"
-_VERSION = 1
-
-
-class SyncTorchDistSaveStrategy(TorchDistSaveShardedStrategy):
-    """torch_dist save, written synchronously by PyTorch's FileSystemWriter."""
-
-    def __init__(self, thread_count: int = 2) -> None:
-        super().__init__(_BACKEND, _VERSION, keep_only_main_replica=True, thread_count=thread_count)
-
-    def save(self, sharded_state_dict, checkpoint_dir) -> None:
-        # Same translation as the parent's async_save: key each tensor by its global
-        # sharded key and keep only main replicas, so the files match the async writer's.
-        sharded_state_dict, _, _ = _replace_state_dict_keys_with_sharded_keys(
-            sharded_state_dict, self.keep_only_main_replica
-        )
-        pyt_state_dict = mcore_to_pyt_state_dict(sharded_state_dict, False)
-        torch.distributed.checkpoint.save(
-            pyt_state_dict,
-            storage_writer=FileSystemWriter(
-                str(checkpoint_dir), thread_count=self.thread_count, sync_files=True
-            ),
-            planner=MCoreSavePlanner(
-                dedup_replicated_tensors=not self.keep_only_main_replica,
-                flatten_state_dict=False,
-            ),
-        )
+from megatron_longalign.megatron_compat import SyncTorchDistSaveStrategy
 
 
 def save_sharded(sharded_state_dict: dict, directory: str | Path) -> None:

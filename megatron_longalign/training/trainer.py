@@ -56,9 +56,12 @@ from megatron_longalign.config.validate import (
     overlength_warnings,
     validate_config,
 )
-from megatron_longalign.data.context_parallel import shard_for_context_parallel
 from megatron_longalign.data.indexed import DataFileError
-from megatron_longalign.data.microbatch import MicroBatch, MicroBatchBuilder
+from megatron_longalign.data.microbatch import (
+    MicroBatch,
+    MicroBatchBuilder,
+    shard_for_context_parallel,
+)
 from megatron_longalign.data.mixture import DatasetMixture
 from megatron_longalign.data.planner import GlobalBatch, GlobalBatchPlanner, PlanPosition
 from megatron_longalign.parallel.distributed import (

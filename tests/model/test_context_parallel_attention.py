@@ -9,15 +9,17 @@ import numpy as np
 import pytest
 import torch
 
-from megatron_longalign.data.context_parallel import context_parallel_token_index
 from megatron_longalign.model.attention import (
-    ContextParallelView,
     FlexCoreAttention,
     document_causal_block_mask,
     packed_seq_params_from,
     sdpa_varlen_context_parallel,
 )
 from megatron_longalign.model.backends import unavailable_reason
+from megatron_longalign.parallel.context_parallel import (
+    ContextParallelView,
+    context_parallel_token_index,
+)
 from tests.model.conftest import tiny_config
 from tests.model.test_attention import SCALE, _qkv, dense_reference
 

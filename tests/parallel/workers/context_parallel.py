@@ -32,9 +32,8 @@ from tiny_gpt import (
     write_rank_result,
 )
 
-from megatron_longalign.data.context_parallel import shard_for_context_parallel
 from megatron_longalign.data.indexed import SFTSample
-from megatron_longalign.data.microbatch import MicroBatchBuilder
+from megatron_longalign.data.microbatch import MicroBatchBuilder, shard_for_context_parallel
 from megatron_longalign.data.planner import MicroBatchPlan
 from megatron_longalign.data.positions import SkipAlignConfig
 from megatron_longalign.data.weights import per_token_weights
