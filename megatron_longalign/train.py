@@ -74,10 +74,10 @@ def main(cfg: DictConfig) -> None:
     warnings.filterwarnings("ignore", message="full scope is deprecated.*")
     warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
     warnings.filterwarnings("ignore", message=".*is not a leaf Tensor is being accessed.*")
-    from megatron_longalign.config.validate import ConfigError
     from megatron_longalign.parallel.distributed import destroy_distributed
     from megatron_longalign.training.checkpoint import CheckpointError
     from megatron_longalign.training.trainer import Trainer
+    from megatron_longalign.training.validate import ConfigError
 
     try:
         config = _typed_config(cfg)
@@ -134,7 +134,7 @@ def _typed_config(cfg: DictConfig):
     values and interpolations that do not resolve."""
     from omegaconf.errors import OmegaConfBaseException
 
-    from megatron_longalign.config.validate import ConfigError
+    from megatron_longalign.training.validate import ConfigError
 
     unknown = _unknown_keys(cfg)
     if unknown:
@@ -250,7 +250,7 @@ def cli() -> None:
     try:
         main()
     except (HydraException, OmegaConfBaseException) as err:
-        from megatron_longalign.config.validate import ConfigError
+        from megatron_longalign.training.validate import ConfigError
 
         if caller == "1":
             import traceback

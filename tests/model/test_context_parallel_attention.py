@@ -18,6 +18,7 @@ from megatron_longalign.model.attention import (
     sdpa_varlen_context_parallel,
 )
 from megatron_longalign.model.backends import unavailable_reason
+from megatron_longalign.model.config import to_transformer_config
 from tests.model.conftest import tiny_config
 from tests.model.test_attention import SCALE, _qkv, dense_reference
 
@@ -80,7 +81,7 @@ def test_flash_rejects_context_parallelism_and_sdpa_accepts_it():
 
     from megatron_longalign.model.attention import FlashCoreAttention, SDPACoreAttention
 
-    config = tiny_config().to_transformer_config(context_parallel_size=2)
+    config = to_transformer_config(tiny_config(), context_parallel_size=2)
     with pytest.raises(NotImplementedError, match="does not support context parallelism"):
         FlashCoreAttention.__new__(FlashCoreAttention)._reject_unsupported(
             config, AttnMaskType.causal, "self", 0.0

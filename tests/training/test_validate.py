@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from megatron_longalign.config.training import LongAlignConfig, to_config
-from megatron_longalign.config.validate import ConfigError, config_problems, validate_config
+from megatron_longalign.training.validate import ConfigError, config_problems, validate_config
 from tests.training.workers.common import tiny_training_config
 
 CONF = Path(__file__).resolve().parents[2] / "conf"
@@ -128,8 +128,8 @@ def test_sources_preprocessed_with_different_tokenizers(config, tmp_path):
 
 
 def test_samples_longer_than_seq_length(config):
-    from megatron_longalign.config.validate import overlength_warnings
     from megatron_longalign.data.indexed import open_dataset_files
+    from megatron_longalign.training.validate import overlength_warnings
 
     lengths = [open_dataset_files(s.prefix).lengths for s in config.data.sources]
     config.data.seq_length = 16  # shorter than every sample
