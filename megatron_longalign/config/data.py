@@ -51,6 +51,9 @@ class PackingConfig:
 @dataclass
 class DataConfig:
     sources: list[DatasetSource] = field(default_factory=list)
+    # One dataset in one line: `data=single data.prefix=P` (conf/data/single.yaml makes P
+    # the only source, weight 1). Other data configs list data.sources and leave it "".
+    prefix: str = ""
     seq_length: int = 65536
     batching: str = "packed"
     packing: PackingConfig = field(default_factory=PackingConfig)

@@ -153,9 +153,19 @@ def data_problems(data: DataConfig, dp_size: int = 1) -> list[str]:
             )
     for problem in skipalign_problems(data.skipalign, "data.skipalign."):
         fail(problem)
-    for source in data.sources:
+    for i, source in enumerate(data.sources):
+        if not source.prefix:
+            fail(
+                f"data.sources[{i}].prefix is empty: give the dataset's prefix P "
+                "(tools/preprocess.py --output-prefix P); with data=single, data.prefix=P"
+            )
         if source.weight < 0:
             fail(f"dataset {source.prefix}: weight must be >= 0, got {source.weight}")
+    if data.prefix and data.prefix not in [source.prefix for source in data.sources]:
+        fail(
+            f"data.prefix={data.prefix!r} is not one of data.sources: data.prefix is read "
+            "by data=single only; add data=single, or list the dataset in data.sources"
+        )
     return problems
 
 

@@ -229,6 +229,8 @@ def _file_problems(config: LongAlignConfig, world_size: int) -> list[str]:
     tokenizers: dict[str, list[str]] = {}  # tokenizer sha256 -> P.json files
     lengths: dict[int, Any] = {}  # source index -> tokens per sample
     for i, source in enumerate(config.data.sources):
+        if not source.prefix:
+            continue  # reported by data_problems
         try:
             files = open_dataset_files(source.prefix)
         except DataFileError as err:
