@@ -70,10 +70,11 @@ def child_baseline(hf_dir: str) -> None:
     started = time.perf_counter()
     import torch
 
+    from megatron_longalign.config.parallel import ParallelConfig
     from megatron_longalign.convert.hf_config import config_from_hf
     from megatron_longalign.convert.hf_import import read_hf_config
     from megatron_longalign.convert.model_io import build_stage_model  # noqa: F401
-    from megatron_longalign.parallel.distributed import ParallelConfig, initialize_distributed
+    from megatron_longalign.parallel.distributed import initialize_distributed
 
     initialize_distributed(ParallelConfig(), seed=0, cpu=True)
     config_from_hf(read_hf_config(Path(hf_dir)))
@@ -88,10 +89,11 @@ def child_naive_import(hf_dir: str) -> None:
     import torch
     from safetensors.torch import load_file
 
+    from megatron_longalign.config.parallel import ParallelConfig
     from megatron_longalign.convert.hf_config import config_from_hf
     from megatron_longalign.convert.hf_import import read_hf_config
     from megatron_longalign.convert.model_io import build_stage_model
-    from megatron_longalign.parallel.distributed import ParallelConfig, initialize_distributed
+    from megatron_longalign.parallel.distributed import initialize_distributed
 
     initialize_distributed(ParallelConfig(), seed=0, cpu=True)
     state = {}

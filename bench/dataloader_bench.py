@@ -20,11 +20,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from megatron_longalign.config.data import DataConfig, DatasetSource
+from megatron_longalign.config.data import DataConfig, DatasetSource, SkipAlignConfig
 from megatron_longalign.data.microbatch import MicroBatchBuilder
 from megatron_longalign.data.mixture import DatasetMixture
 from megatron_longalign.data.planner import GlobalBatchPlanner
-from megatron_longalign.data.positions import SkipAlignConfig
 from megatron_longalign.data.preprocess import EncodeSpec, PreprocessConfig, preprocess
 from megatron_longalign.data.synthetic import (
     generate_long_samples,

@@ -66,7 +66,7 @@ class Case:
     recompute: str  # none | selective | full
 
     def model_config(self):
-        from megatron_longalign.model.config import ModelConfig
+        from megatron_longalign.config.model import ModelConfig
 
         return ModelConfig(
             name=self.name,
@@ -133,6 +133,7 @@ def _write_dataset(prefix: str, case: Case, rows: int) -> None:
 
 def _training_config(case: Case, prefix: str, steps: int):
     from megatron_longalign.config.data import DataConfig, DatasetSource
+    from megatron_longalign.config.parallel import ParallelConfig
     from megatron_longalign.config.training import (
         LoggingConfig,
         LongAlignConfig,
@@ -140,7 +141,6 @@ def _training_config(case: Case, prefix: str, steps: int):
         RecomputeConfig,
         TrainConfig,
     )
-    from megatron_longalign.parallel.distributed import ParallelConfig
 
     recompute = {
         "none": RecomputeConfig(),

@@ -199,7 +199,7 @@ def main() -> None:
         print(json.dumps(run_child(args.child, args)))
         return
 
-    from megatron_longalign.data.packing import PACKING_ALGORITHMS
+    from megatron_longalign.config.data import PACKING_ALGORITHMS
 
     results = [spawn_child(algorithm, args) for algorithm in PACKING_ALGORITHMS]
     missed = report(args, results, run_baseline(args))

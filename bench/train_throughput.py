@@ -178,6 +178,8 @@ def make_config(
     max_steps: int = 10,
 ):
     from megatron_longalign.config.data import DataConfig, DatasetSource
+    from megatron_longalign.config.model import ModelConfig
+    from megatron_longalign.config.parallel import ParallelConfig
     from megatron_longalign.config.training import (
         LoggingConfig,
         LongAlignConfig,
@@ -185,8 +187,6 @@ def make_config(
         RecomputeConfig,
         TrainConfig,
     )
-    from megatron_longalign.model.config import ModelConfig
-    from megatron_longalign.parallel.distributed import ParallelConfig
 
     model = ModelConfig(
         **{
@@ -508,7 +508,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     warnings.filterwarnings("ignore", category=FutureWarning)
     import torch
 
-    from megatron_longalign.model.backends import ATTENTION_BACKENDS, unavailable_reason
+    from megatron_longalign.config.model import ATTENTION_BACKENDS
+    from megatron_longalign.model.backends import unavailable_reason
 
     name = args.device_profile
     if name == "auto":

@@ -5,7 +5,7 @@
     torchrun --nproc-per-node 8 -m megatron_longalign.train parallel=tp2 ...
 
 Every process composes the same config; rank 0 logs. Config problems are reported, all
-at once, before any process group is joined (config/validate.py).
+at once, before any process group is joined (training/validate.py).
 
 Exit status:
 - 0: the run is done.
@@ -74,7 +74,7 @@ def main(cfg: DictConfig) -> None:
     warnings.filterwarnings("ignore", message="full scope is deprecated.*")
     warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
     warnings.filterwarnings("ignore", message=".*is not a leaf Tensor is being accessed.*")
-    from megatron_longalign.config.validate import ConfigError
+    from megatron_longalign.config.errors import ConfigError
     from megatron_longalign.parallel.distributed import destroy_distributed
     from megatron_longalign.training.checkpoint import CheckpointError
     from megatron_longalign.training.trainer import Trainer
@@ -134,7 +134,7 @@ def _typed_config(cfg: DictConfig):
     values and interpolations that do not resolve."""
     from omegaconf.errors import OmegaConfBaseException
 
-    from megatron_longalign.config.validate import ConfigError
+    from megatron_longalign.config.errors import ConfigError
 
     unknown = _unknown_keys(cfg)
     if unknown:
@@ -250,7 +250,7 @@ def cli() -> None:
     try:
         main()
     except (HydraException, OmegaConfBaseException) as err:
-        from megatron_longalign.config.validate import ConfigError
+        from megatron_longalign.config.errors import ConfigError
 
         if caller == "1":
             import traceback

@@ -7,7 +7,7 @@ tests/parallel/launch.py `worker_env`) import it as `tests.tiny_model`.
 
 from __future__ import annotations
 
-from megatron_longalign.model.config import ModelConfig
+from megatron_longalign.config.model import ModelConfig
 
 
 def tiny_model_config(*, vocab_size: int, **overrides) -> ModelConfig:

@@ -85,7 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _setup(tp: int, pp: int) -> None:
-    from megatron_longalign.parallel.distributed import ParallelConfig, initialize_distributed
+    from megatron_longalign.config.parallel import ParallelConfig
+    from megatron_longalign.parallel.distributed import initialize_distributed
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world != tp * pp:

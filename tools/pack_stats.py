@@ -12,10 +12,16 @@ from __future__ import annotations
 import argparse
 import sys
 
-from megatron_longalign.config.data import DataConfig, DatasetSource, PackingConfig
+from megatron_longalign.config.data import (
+    PACKING_ALGORITHMS,
+    DataConfig,
+    DatasetSource,
+    PackingConfig,
+)
+from megatron_longalign.config.errors import raise_if_problems
 from megatron_longalign.data.mixture import DatasetMixture
 from megatron_longalign.data.pack_stats import compare_batching, format_table
-from megatron_longalign.data.packing import PACKING_ALGORITHMS
+from megatron_longalign.data.planner import data_problems
 
 
 def parse_source(text: str) -> DatasetSource:
@@ -50,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
         seed=args.seed,
     )
     try:
-        config.validate(args.dp)
+        raise_if_problems(data_problems(config, args.dp))
         mixture = DatasetMixture(sources)
         results = compare_batching(
             mixture.lengths, mixture.target_counts, mixture.sizes, mixture.weights, config, args.dp

@@ -65,7 +65,7 @@ def load_model(spec: str):
     """ModelConfig from a YAML path or a conf/model/ name, type-checked by OmegaConf."""
     from omegaconf import OmegaConf
 
-    from megatron_longalign.model.config import ModelConfig
+    from megatron_longalign.config.model import ModelConfig
 
     path = Path(spec)
     if not path.is_file():

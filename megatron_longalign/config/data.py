@@ -3,17 +3,31 @@
 Units: in `packed` batching a *unit* is a pack of documents (at most `seq_length`
 tokens); in `sorted` and `naive` batching a unit is one sample. `micro_batch_size` and
 `global_batch_size` count units, as Megatron counts sequences.
+
+The schema only: the rules are `data_problems` (data/planner.py) and `skipalign_problems`
+(data/positions.py), called by the start-up validator (training/validate.py).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from megatron_longalign.data.positions import SkipAlignConfig
-
 BATCHING_MODES = ("packed", "sorted", "naive")
 LOSS_REDUCTIONS = ("token", "sequence", "sqrt")
 OVERLENGTH_ACTIONS = ("error", "drop")
+# megatron_longalign/data/packing.py
+PACKING_ALGORITHMS = ("next_fit", "first_fit_decreasing", "best_fit_decreasing")
+# SkipAlign boundary rules (megatron_longalign/data/positions.py, docs/SKIPALIGN.md)
+BOUNDARY_KINDS = ("turn", "context")
+
+
+@dataclass
+class SkipAlignConfig:
+    enabled: bool = False
+    target_context_length: int = 65536
+    boundaries: tuple[str, ...] = ("turn", "context")
+    probability: float = 1.0  # fraction of samples that get skips (decided per sample)
+    min_segment_tokens: int = 1  # boundaries that would leave a shorter segment are ignored
 
 
 @dataclass
@@ -37,6 +51,9 @@ class PackingConfig:
 @dataclass
 class DataConfig:
     sources: list[DatasetSource] = field(default_factory=list)
+    # One dataset in one line: `data=single data.prefix=P` (conf/data/single.yaml makes P
+    # the only source, weight 1). Other data configs list data.sources and leave it "".
+    prefix: str = ""
     seq_length: int = 65536
     batching: str = "packed"
     packing: PackingConfig = field(default_factory=PackingConfig)
@@ -58,48 +75,3 @@ class DataConfig:
     attention_equiv_length: int = 50000
     skipalign: SkipAlignConfig = field(default_factory=SkipAlignConfig)
     seed: int = 1234
-
-    def validate(self, dp_size: int = 1) -> None:
-        def fail(message: str) -> None:
-            raise ValueError(f"data config: {message}")
-
-        if not self.sources:
-            fail("no dataset sources (data.sources is empty)")
-        if self.batching not in BATCHING_MODES:
-            fail(f"data.batching={self.batching!r}; choose one of {BATCHING_MODES}")
-        from megatron_longalign.data.packing import PACKING_ALGORITHMS
-
-        if self.packing.algorithm not in PACKING_ALGORITHMS:
-            fail(
-                f"data.packing.algorithm={self.packing.algorithm!r}; choose one of {PACKING_ALGORITHMS}"
-            )
-        if self.on_overlength not in OVERLENGTH_ACTIONS:
-            fail(f"data.on_overlength={self.on_overlength!r}; choose one of {OVERLENGTH_ACTIONS}")
-        if self.seq_length < 2:
-            fail("data.seq_length must be >= 2")
-        if (
-            self.micro_batch_size < 1
-            or self.pad_to_multiple_of < 1
-            or self.pad_documents_to_multiple_of < 1
-        ):
-            fail(
-                "data.micro_batch_size, data.pad_to_multiple_of and "
-                "data.pad_documents_to_multiple_of must be >= 1"
-            )
-        if self.global_batch_size % (self.micro_batch_size * dp_size):
-            fail(
-                f"data.global_batch_size ({self.global_batch_size}) must be divisible by "
-                f"micro_batch_size ({self.micro_batch_size}) x data-parallel size ({dp_size})"
-            )
-        if self.seq_length % self.pad_to_multiple_of:
-            fail(
-                f"data.seq_length ({self.seq_length}) must be a multiple of "
-                f"pad_to_multiple_of ({self.pad_to_multiple_of})"
-            )
-        try:
-            self.skipalign.validate()
-        except ValueError as err:
-            fail(f"data.skipalign: {err}")
-        for source in self.sources:
-            if source.weight < 0:
-                fail(f"dataset {source.prefix}: weight must be >= 0, got {source.weight}")

@@ -1,31 +1,34 @@
 """Structured configs for training (Hydra groups `optim`, `train`, `logging`) and the
 top-level `LongAlignConfig` that composes every group:
 
-    model     ModelConfig      conf/model/*.yaml      megatron_longalign/model/config.py
+    model     ModelConfig      conf/model/*.yaml      megatron_longalign/config/model.py
     data      DataConfig       conf/data/*.yaml       megatron_longalign/config/data.py
-    parallel  ParallelConfig   conf/parallel/*.yaml   megatron_longalign/parallel/distributed.py
+    parallel  ParallelConfig   conf/parallel/*.yaml   megatron_longalign/config/parallel.py
     optim     OptimConfig      conf/optim/*.yaml      (here)
     train     TrainConfig      conf/train/*.yaml      (here)
     logging   LoggingConfig    conf/logging/*.yaml    (here)
 
 `register_configs()` puts the schema into Hydra's ConfigStore as `longalign_schema`;
 conf/config.yaml lists it first in its defaults, so every YAML value is type-checked
-against these dataclasses. `config/validate.py` checks the combinations at start-up.
+against these dataclasses. `training/validate.py` checks every rule at start-up.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 from megatron_longalign.config.data import DataConfig
-from megatron_longalign.model.config import ModelConfig
-from megatron_longalign.parallel.distributed import ParallelConfig
+from megatron_longalign.config.model import ModelConfig
+from megatron_longalign.config.parallel import ParallelConfig
 
 OPTIMIZERS = ("adam", "sgd")
 LR_DECAY_STYLES = ("cosine", "linear", "constant")
 PRECISIONS = ("auto", "bf16", "fp32")
 RECOMPUTE_GRANULARITIES = ("full", "selective")
 RECOMPUTE_METHODS = ("uniform", "block")
+# Distributed-optimizer state formats of a checkpoint (training/checkpoint.py, docs/TRAINING.md).
+OPTIMIZER_FORMATS = ("dp_reshardable", "fully_reshardable", "fully_reshardable_mem_efficient")
 
 
 @dataclass
@@ -97,6 +100,11 @@ class TrainConfig:
     save_interval: int = 0
     # Complete checkpoints to keep (null = all).
     keep_last: int | None = 3
+    # Distributed-optimizer state format (training/checkpoint.py, docs/TRAINING.md):
+    # dp_reshardable (fast, reshards in DP only) | fully_reshardable (reshards in TP, PP
+    # and DP; gathers each DP group's optimizer state at save) |
+    # fully_reshardable_mem_efficient (the same, gathered on the host over gloo).
+    checkpoint_optimizer_format: str = "dp_reshardable"
     # Where the run continues from (training/checkpoint.py resolve_resume, docs/TRAINING.md):
     # auto: the checkpoint checkpoint_dir/latest names, else the newest complete step_<N>
     #   there (said in the log), else a fresh start |
@@ -117,6 +125,9 @@ class TrainConfig:
 
 
 WANDB_MODES = ("auto", "online", "offline", "disabled")
+# wandb run ids (logging.wandb.run_id): letters, digits and - _ . (wandb rejects / \ # ? %
+# : and spaces).
+RUN_ID_PATTERN = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
 # train.resume values that are not paths; null means never as well.
 RESUME_AUTO = "auto"
 RESUME_FRESH = ("never", "none")

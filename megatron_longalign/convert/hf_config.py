@@ -18,8 +18,9 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from megatron_longalign.config.model import ModelConfig, RopeScalingConfig
 from megatron_longalign.convert.errors import UnsupportedModelError
-from megatron_longalign.model.config import ModelConfig, RopeScalingConfig
+from megatron_longalign.model.config import model_problems
 
 # model_type -> (architecture class, defaults of the keys a config.json may omit: the
 # transformers config class defaults, which is what transformers itself would use).
@@ -180,10 +181,9 @@ def config_from_hf(hf: dict[str, Any], name: str = "custom") -> ModelConfig:
         init_method_std=float(hf.get("initializer_range", 0.02)),
         name=name,
     )
-    try:
-        config.validate()
-    except ValueError as err:
-        raise UnsupportedModelError(f"config.json: {err}") from err
+    problems = model_problems(config)
+    if problems:
+        raise UnsupportedModelError(f"config.json: model config: {'; '.join(problems)}")
     return config
 
 

@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from megatron_longalign.config.model import ModelConfig
 from megatron_longalign.convert.errors import ConversionError
 from megatron_longalign.convert.hf_config import (
     default_model_type,
@@ -42,7 +43,6 @@ from megatron_longalign.convert.model_io import (
     global_parameters,
 )
 from megatron_longalign.convert.safetensors_writer import SafetensorsStreamWriter, tensor_nbytes
-from megatron_longalign.model.config import ModelConfig
 
 logger = logging.getLogger(__name__)
 

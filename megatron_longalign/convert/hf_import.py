@@ -33,6 +33,7 @@ from typing import Any
 
 import torch
 
+from megatron_longalign.config.model import ModelConfig
 from megatron_longalign.convert.errors import ConversionError
 from megatron_longalign.convert.hf_config import config_from_hf, model_type_of, model_yaml
 from megatron_longalign.convert.hf_names import (
@@ -55,7 +56,6 @@ from megatron_longalign.convert.model_io import (
     on_rank0,
     tp_rank_size,
 )
-from megatron_longalign.model.config import ModelConfig
 
 SOURCE_FILE = "hf_source.json"
 # Files copied on export when present next to the weights (tokenizer and generation).

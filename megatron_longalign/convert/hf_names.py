@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from megatron_longalign.model.config import ModelConfig
+from megatron_longalign.config.model import ModelConfig
 
 # Buffers older transformers versions saved in checkpoints; recomputed from the config.
 IGNORABLE_SUFFIXES = (".rotary_emb.inv_freq",)

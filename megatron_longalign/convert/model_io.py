@@ -15,8 +15,9 @@ from typing import Any
 
 import torch
 
+from megatron_longalign.config.model import ModelConfig
 from megatron_longalign.convert.errors import ConversionError
-from megatron_longalign.model.config import ModelConfig
+from megatron_longalign.model.config import to_transformer_config
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 HF_DTYPE_NAMES = {torch.bfloat16: "bfloat16", torch.float32: "float32"}
@@ -31,7 +32,8 @@ def build_stage_model(config: ModelConfig, dtype: torch.dtype):
 
     from megatron_longalign.model.gpt import build_gpt_model
 
-    transformer_config = config.to_transformer_config(
+    transformer_config = to_transformer_config(
+        config,
         tensor_model_parallel_size=ps.get_tensor_model_parallel_world_size(),
         pipeline_model_parallel_size=ps.get_pipeline_model_parallel_world_size(),
         params_dtype=dtype,

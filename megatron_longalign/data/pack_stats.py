@@ -22,8 +22,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from megatron_longalign.config.data import DataConfig, PackingConfig
-from megatron_longalign.data.packing import PACKING_ALGORITHMS
+from megatron_longalign.config.data import PACKING_ALGORITHMS, DataConfig, PackingConfig
 from megatron_longalign.data.planner import GlobalBatchPlanner
 
 

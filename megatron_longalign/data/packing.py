@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import numba
 import numpy as np
 
-PACKING_ALGORITHMS = ("next_fit", "first_fit_decreasing", "best_fit_decreasing")
+from megatron_longalign.config.data import PACKING_ALGORITHMS
 
 
 @dataclass(frozen=True)

@@ -29,7 +29,14 @@ from functools import lru_cache
 
 import numpy as np
 
-from megatron_longalign.config.data import LOSS_REDUCTIONS, DataConfig
+from megatron_longalign.config.data import (
+    BATCHING_MODES,
+    LOSS_REDUCTIONS,
+    OVERLENGTH_ACTIONS,
+    PACKING_ALGORITHMS,
+    DataConfig,
+)
+from megatron_longalign.config.errors import raise_if_problems
 from megatron_longalign.data.mixture import (
     STREAM_SHUFFLE,
     STREAM_UNIT_ORDER,
@@ -37,6 +44,7 @@ from megatron_longalign.data.mixture import (
     epoch_rng,
 )
 from megatron_longalign.data.packing import pack_samples
+from megatron_longalign.data.positions import skipalign_problems
 from megatron_longalign.data.weights import per_token_weights
 
 
@@ -102,6 +110,75 @@ class PlannerReport:
     dropped_examples: list[int] = field(default_factory=list)
 
 
+def data_problems(data: DataConfig, dp_size: int = 1) -> list[str]:
+    """What is wrong with the data group for `dp_size` data-parallel ranks (empty when
+    nothing), each naming the field to change. The start-up validator and the planner
+    both call it."""
+    problems: list[str] = []
+
+    def fail(message: str) -> None:
+        problems.append(f"data config: {message}")
+
+    if not data.sources:
+        fail("no dataset sources (data.sources is empty)")
+    if data.batching not in BATCHING_MODES:
+        fail(f"data.batching={data.batching!r}; choose one of {BATCHING_MODES}")
+    if data.packing.algorithm not in PACKING_ALGORITHMS:
+        fail(
+            f"data.packing.algorithm={data.packing.algorithm!r}; choose one of {PACKING_ALGORITHMS}"
+        )
+    if data.on_overlength not in OVERLENGTH_ACTIONS:
+        fail(f"data.on_overlength={data.on_overlength!r}; choose one of {OVERLENGTH_ACTIONS}")
+    if data.seq_length < 2:
+        fail("data.seq_length must be >= 2")
+    if (
+        data.micro_batch_size < 1
+        or data.pad_to_multiple_of < 1
+        or data.pad_documents_to_multiple_of < 1
+    ):
+        fail(
+            "data.micro_batch_size, data.pad_to_multiple_of and "
+            "data.pad_documents_to_multiple_of must be >= 1"
+        )
+    else:
+        if data.global_batch_size % (data.micro_batch_size * dp_size):
+            fail(
+                f"data.global_batch_size ({data.global_batch_size}) must be divisible by "
+                f"micro_batch_size ({data.micro_batch_size}) x data-parallel size ({dp_size})"
+            )
+        if data.seq_length % data.pad_to_multiple_of:
+            fail(
+                f"data.seq_length ({data.seq_length}) must be a multiple of "
+                f"pad_to_multiple_of ({data.pad_to_multiple_of})"
+            )
+    for problem in skipalign_problems(data.skipalign, "data.skipalign."):
+        fail(problem)
+    for i, source in enumerate(data.sources):
+        if not source.prefix:
+            fail(
+                f"data.sources[{i}].prefix is empty: give the dataset's prefix P "
+                "(tools/preprocess.py --output-prefix P); with data=single, data.prefix=P"
+            )
+        if source.weight < 0:
+            fail(f"dataset {source.prefix}: weight must be >= 0, got {source.weight}")
+    if data.prefix and data.prefix not in [source.prefix for source in data.sources]:
+        fail(
+            f"data.prefix={data.prefix!r} is not one of data.sources: data.prefix is read "
+            "by data=single only; add data=single, or list the dataset in data.sources"
+        )
+    return problems
+
+
+def loss_reduction_problems(loss_reduction: str) -> list[str]:
+    """train.loss_reduction must name a reduction the planner knows."""
+    if loss_reduction in LOSS_REDUCTIONS:
+        return []
+    return [
+        f"train.loss_reduction={loss_reduction!r}: unknown loss reduction {loss_reduction!r}; "
+        f"choose one of {LOSS_REDUCTIONS}"
+    ]
+
+
 class GlobalBatchPlanner:
     def __init__(
         self,
@@ -114,14 +191,7 @@ class GlobalBatchPlanner:
         loss_reduction: str = "sequence",
         document_multiple: int = 1,
     ) -> None:
-        config.validate(dp_size)
-        if config.seq_length % document_multiple:
-            raise ValueError(
-                f"data.seq_length ({config.seq_length}) must be a multiple of the document "
-                f"padding multiple ({document_multiple}, 2 x context parallel size)"
-            )
-        if loss_reduction not in LOSS_REDUCTIONS:
-            raise ValueError(f"loss reduction {loss_reduction!r}; choose one of {LOSS_REDUCTIONS}")
+        raise_if_problems(data_problems(config, dp_size) + loss_reduction_problems(loss_reduction))
         self.config = config
         self.dp_size = dp_size
         self.loss_reduction = loss_reduction

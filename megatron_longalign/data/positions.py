@@ -18,13 +18,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import numpy as np
 
+from megatron_longalign.config.data import BOUNDARY_KINDS, SkipAlignConfig
 from megatron_longalign.data.templates import RegionKind
-
-BOUNDARY_KINDS = ("turn", "context")
 
 POSITION_DTYPE = np.int64
 
@@ -36,43 +34,36 @@ _CONTEXT = int(RegionKind.CONTEXT)
 _USER = int(RegionKind.USER)
 
 
-@dataclass
-class SkipAlignConfig:
-    enabled: bool = False
-    target_context_length: int = 65536
-    boundaries: tuple[str, ...] = ("turn", "context")
-    probability: float = 1.0  # fraction of samples that get skips (decided per sample)
-    min_segment_tokens: int = 1  # boundaries that would leave a shorter segment are ignored
-
-    def validate(self) -> None:
-        """Raise ValueError naming the field and what to change."""
-        prefix = "skipalign."
-        if not _is_int(self.target_context_length) or self.target_context_length < 2:
-            raise ValueError(
-                f"{prefix}target_context_length must be an integer >= 2 (the context length "
-                f"SkipAlign should simulate, e.g. 65536); got {self.target_context_length!r}"
-            )
-        if (
-            isinstance(self.probability, bool)
-            or not isinstance(self.probability, (int, float))
-            or not math.isfinite(self.probability)
-            or not 0.0 <= self.probability <= 1.0
-        ):
-            raise ValueError(
-                f"{prefix}probability must be a number in [0, 1] (the fraction of samples that "
-                f"get skips); got {self.probability!r}"
-            )
-        if not _is_int(self.min_segment_tokens) or self.min_segment_tokens < 1:
-            raise ValueError(
-                f"{prefix}min_segment_tokens must be an integer >= 1; "
-                f"got {self.min_segment_tokens!r}"
-            )
-        _check_boundaries(self.boundaries, prefix + "boundaries")
-        if self.enabled and not self.boundaries:
-            raise ValueError(
-                f"{prefix}boundaries is empty, so no sample would ever get a skip; list at "
-                f"least one of {BOUNDARY_KINDS} or set {prefix}enabled=false"
-            )
+def skipalign_problems(config: SkipAlignConfig, prefix: str = "skipalign.") -> list[str]:
+    """What is wrong with `config` (empty when nothing), naming the field (`prefix`: the
+    start-up validator passes "data.skipalign.") and what to change."""
+    problems = []
+    if not _is_int(config.target_context_length) or config.target_context_length < 2:
+        problems.append(
+            f"{prefix}target_context_length must be an integer >= 2 (the context length "
+            f"SkipAlign should simulate, e.g. 65536); got {config.target_context_length!r}"
+        )
+    if (
+        isinstance(config.probability, bool)
+        or not isinstance(config.probability, (int, float))
+        or not math.isfinite(config.probability)
+        or not 0.0 <= config.probability <= 1.0
+    ):
+        problems.append(
+            f"{prefix}probability must be a number in [0, 1] (the fraction of samples that "
+            f"get skips); got {config.probability!r}"
+        )
+    if not _is_int(config.min_segment_tokens) or config.min_segment_tokens < 1:
+        problems.append(
+            f"{prefix}min_segment_tokens must be an integer >= 1; got {config.min_segment_tokens!r}"
+        )
+    problems += _boundary_problems(config.boundaries, prefix + "boundaries")
+    if config.enabled and not config.boundaries:
+        problems.append(
+            f"{prefix}boundaries is empty, so no sample would ever get a skip; list at "
+            f"least one of {BOUNDARY_KINDS} or set {prefix}enabled=false"
+        )
+    return problems
 
 
 def _is_int(value: object) -> bool:
@@ -80,15 +71,20 @@ def _is_int(value: object) -> bool:
     return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
 
 
-def _check_boundaries(boundaries: Sequence[str], what: str = "boundaries") -> None:
+def _boundary_problems(boundaries: Sequence[str], what: str = "boundaries") -> list[str]:
     # A bare string would otherwise be iterated character by character.
     if isinstance(boundaries, str):
-        raise ValueError(f"{what} must be a list of names, e.g. [{boundaries!r}], not a string")
+        return [f"{what} must be a list of names, e.g. [{boundaries!r}], not a string"]
     unknown = [name for name in boundaries if name not in BOUNDARY_KINDS]
     if unknown:
-        raise ValueError(
-            f"{what}: unknown boundary kind(s) {unknown}; choose from {BOUNDARY_KINDS}"
-        )
+        return [f"{what}: unknown boundary kind(s) {unknown}; choose from {BOUNDARY_KINDS}"]
+    return []
+
+
+def _check_boundaries(boundaries: Sequence[str], what: str = "boundaries") -> None:
+    problems = _boundary_problems(boundaries, what)
+    if problems:
+        raise ValueError(problems[0])
 
 
 def _check_regions(regions: np.ndarray) -> np.ndarray:

@@ -1,10 +1,11 @@
 """The model: megatron-core GPTModel with pluggable packed (THD) attention backends and
 RoPE from explicit position ids.
 
-    from megatron_longalign.model import ModelConfig, build_gpt_model, packed_seq_params_from
+    from megatron_longalign.model import build_gpt_model, packed_seq_params_from
 
-Names are resolved lazily, so importing the package (e.g. for `ModelConfig` in Hydra
-configs) does not import megatron-core.
+Names are resolved lazily, so importing the package does not import megatron-core. The
+schema (`ModelConfig`, `RopeScalingConfig`, `ATTENTION_BACKENDS`) is in
+megatron_longalign/config/model.py.
 """
 
 from __future__ import annotations
@@ -13,9 +14,8 @@ import importlib
 from typing import Any
 
 _EXPORTS = {
-    "ModelConfig": "config",
-    "RopeScalingConfig": "config",
-    "ATTENTION_BACKENDS": "backends",
+    "model_problems": "config",
+    "to_transformer_config": "config",
     "BackendUnavailableError": "backends",
     "resolve_attention_backend": "backends",
     "LongAlignGPTModel": "gpt",

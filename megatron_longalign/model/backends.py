@@ -22,7 +22,8 @@ from types import ModuleType
 
 import torch
 
-ATTENTION_BACKENDS = ("auto", "te", "flash", "flex", "sdpa")
+from megatron_longalign.config.model import ATTENTION_BACKENDS
+
 AUTO_ORDER = ("te", "flash", "flex", "sdpa")
 
 # backend -> (importable module, pip package name shown in errors)
@@ -68,6 +69,18 @@ def unavailable_reason(backend: str) -> str | None:
     if backend in _NEEDS_CUDA and not _cuda_available():
         return f"attention backend '{backend}' needs a CUDA GPU; none is available here."
     return None
+
+
+def sequence_parallel_problems(backend: str, sequence_parallel: bool) -> list[str]:
+    """Sequence parallelism runs with the `te` backend only (the start-up validator passes
+    the configured model.attention_backend, the model builder the resolved one)."""
+    if not sequence_parallel or backend == "te":
+        return []
+    return [
+        f"parallel.sequence_parallel needs the 'te' attention backend (megatron's local "
+        f"RMSNorm, used with model.attention_backend='{backend}', does not support it); set "
+        "parallel.sequence_parallel=false or model.attention_backend=te"
+    ]
 
 
 def _check_name(backend: str) -> None:

@@ -41,9 +41,14 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 from torch import Tensor
 
 from megatron_longalign import megatron_compat
+from megatron_longalign.config.model import ModelConfig, RopeScalingConfig
 from megatron_longalign.model.attention import CORE_ATTENTION_MODULES, packed_seq_params_from
-from megatron_longalign.model.backends import import_te_layer_spec_fn, resolve_attention_backend
-from megatron_longalign.model.config import ModelConfig, RopeScalingConfig
+from megatron_longalign.model.backends import (
+    import_te_layer_spec_fn,
+    resolve_attention_backend,
+    sequence_parallel_problems,
+)
+from megatron_longalign.model.config import to_transformer_config
 from megatron_longalign.parallel.context_parallel import context_parallel_token_index
 
 if TYPE_CHECKING:
@@ -221,13 +226,12 @@ def build_gpt_model(
 ) -> LongAlignGPTModel:
     """Build the model for one pipeline stage.
 
-    `transformer_config` defaults to `model_config.to_transformer_config()`; the trainer
+    `transformer_config` defaults to `to_transformer_config(model_config)`; the trainer
     passes its own with parallelism/precision overrides. `backend` overrides
     `model_config.attention_backend`; the resolved name is `model.attention_backend`.
     """
     backend = resolve_attention_backend(backend or model_config.attention_backend)
-    config = transformer_config or model_config.to_transformer_config()
-    model_config.validate(config.tensor_model_parallel_size)
+    config = transformer_config or to_transformer_config(model_config)
     _check_transformer_config(config, backend)
     model = LongAlignGPTModel(
         config=config,
@@ -253,13 +257,9 @@ def build_gpt_model(
 
 
 def _check_transformer_config(config: TransformerConfig, backend: str) -> None:
-    if config.apply_rope_fusion:
-        raise ValueError("apply_rope_fusion must be False: RoPE comes from position_ids")
-    if backend != "te" and config.sequence_parallel:
-        raise ValueError(
-            f"sequence_parallel needs the 'te' attention backend (megatron's local RMSNorm, "
-            f"used with '{backend}', does not support it)"
-        )
+    problems = sequence_parallel_problems(backend, config.sequence_parallel)
+    if problems:
+        raise ValueError(problems[0])
 
 
 def model_inputs(microbatch: Any, device: torch.device | str = "cpu") -> dict[str, Any]:

@@ -7,7 +7,8 @@ way megatron expects. Everything else asks `parallel_state` (or the thin wrapper
 below) for ranks and groups.
 
 megatron-core is imported inside the functions: importing it takes seconds, and
-`ParallelConfig` is used by config validation, which should stay cheap.
+`parallel_problems` is used by config validation, which should stay cheap. The layout's
+schema, `ParallelConfig`, is in megatron_longalign/config/parallel.py.
 """
 
 from __future__ import annotations
@@ -18,70 +19,45 @@ from dataclasses import dataclass
 
 import torch
 
-CP_COMM_TYPES = ("p2p", "a2a", "all_gather", "a2a+p2p")
+from megatron_longalign.config.errors import raise_if_problems
+from megatron_longalign.config.parallel import CP_COMM_TYPES, ParallelConfig
 
 
-@dataclass
-class ParallelConfig:
-    """Model-parallel layout. The data-parallel size is what the world size leaves:
-    world_size / (tensor * pipeline * context)."""
-
-    tensor_model_parallel_size: int = 1
-    pipeline_model_parallel_size: int = 1
-    context_parallel_size: int = 1
-    sequence_parallel: bool = False
-    use_distributed_optimizer: bool = True
-    # Transformer Engine's CP attention exchange (te backend only; flex and sdpa all-gather
-    # K/V): p2p (ring, overlaps compute), all_gather, a2a (Ulysses-style, needs heads
-    # divisible by CP), a2a+p2p (hierarchical; megatron also wants
-    # hierarchical_context_parallel_sizes, not exposed here).
-    cp_comm_type: str = "p2p"
-
-    @property
-    def ranks_per_replica(self) -> int:
-        """Processes that hold one replica of the model (tp * pp * cp)."""
-        return (
-            self.tensor_model_parallel_size
-            * self.pipeline_model_parallel_size
-            * self.context_parallel_size
+def parallel_problems(parallel: ParallelConfig, world_size: int) -> list[str]:
+    """What keeps `parallel` from running on `world_size` processes (empty when nothing),
+    saying what to change. The start-up validator and `initialize_distributed` call it."""
+    problems = []
+    for name in (
+        "tensor_model_parallel_size",
+        "pipeline_model_parallel_size",
+        "context_parallel_size",
+    ):
+        value = getattr(parallel, name)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            problems.append(f"parallel.{name} must be an integer >= 1, got {value!r}")
+    if problems:
+        return problems  # the checks below multiply the sizes
+    if world_size < 1:
+        problems.append(f"world size must be >= 1, got {world_size}")
+    elif world_size % parallel.ranks_per_replica != 0:
+        problems.append(
+            f"world size {world_size} is not divisible by tensor_model_parallel_size "
+            f"({parallel.tensor_model_parallel_size}) * pipeline_model_parallel_size "
+            f"({parallel.pipeline_model_parallel_size}) * context_parallel_size "
+            f"({parallel.context_parallel_size}) = {parallel.ranks_per_replica}; change the "
+            f"parallel sizes or launch a multiple of {parallel.ranks_per_replica} processes"
         )
-
-    def validate(self, world_size: int) -> None:
-        """Raise ValueError, saying what to change, if this layout cannot run on
-        `world_size` processes."""
-        for name in (
-            "tensor_model_parallel_size",
-            "pipeline_model_parallel_size",
-            "context_parallel_size",
-        ):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"parallel.{name} must be an integer >= 1, got {value!r}")
-        if world_size < 1:
-            raise ValueError(f"world size must be >= 1, got {world_size}")
-        if world_size % self.ranks_per_replica != 0:
-            raise ValueError(
-                f"world size {world_size} is not divisible by tensor_model_parallel_size "
-                f"({self.tensor_model_parallel_size}) * pipeline_model_parallel_size "
-                f"({self.pipeline_model_parallel_size}) * context_parallel_size "
-                f"({self.context_parallel_size}) = {self.ranks_per_replica}; change the "
-                f"parallel sizes or launch a multiple of {self.ranks_per_replica} processes"
-            )
-        if self.cp_comm_type not in CP_COMM_TYPES:
-            raise ValueError(
-                f"parallel.cp_comm_type={self.cp_comm_type!r}; choose one of {CP_COMM_TYPES}"
-            )
-        if self.sequence_parallel and self.tensor_model_parallel_size == 1:
-            raise ValueError(
-                "parallel.sequence_parallel=true needs tensor_model_parallel_size > 1 "
-                "(it splits activations over the tensor-parallel group); set "
-                "sequence_parallel=false or increase tensor_model_parallel_size"
-            )
-
-    def data_parallel_size_for(self, world_size: int) -> int:
-        """The data-parallel size this layout gives on `world_size` processes."""
-        self.validate(world_size)
-        return world_size // self.ranks_per_replica
+    if parallel.cp_comm_type not in CP_COMM_TYPES:
+        problems.append(
+            f"parallel.cp_comm_type={parallel.cp_comm_type!r}; choose one of {CP_COMM_TYPES}"
+        )
+    if parallel.sequence_parallel and parallel.tensor_model_parallel_size == 1:
+        problems.append(
+            "parallel.sequence_parallel=true needs tensor_model_parallel_size > 1 "
+            "(it splits activations over the tensor-parallel group); set "
+            "sequence_parallel=false or increase tensor_model_parallel_size"
+        )
+    return problems
 
 
 @dataclass(frozen=True)
@@ -205,7 +181,7 @@ def initialize_distributed(parallel: ParallelConfig, seed: int, cpu: bool | None
         if torch.distributed.is_initialized()
         else launch.world_size
     )
-    parallel.validate(world_size)
+    raise_if_problems(parallel_problems(parallel, world_size))
     if not torch.distributed.is_initialized():
         _init_process_group(cpu, launch)
     parallel_state.initialize_model_parallel(

@@ -21,7 +21,8 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-from megatron_longalign.model.config import ModelConfig
+from megatron_longalign.config.model import ModelConfig
+from megatron_longalign.model.config import model_problems
 from megatron_longalign.planning.memory import (
     GB,
     GPU_BF16,
@@ -111,10 +112,7 @@ def layout_problems(
     problems = []
     if layout.gpus != gpus:
         problems.append(f"TP*PP*CP*DP = {layout.gpus}, not the {gpus} GPUs")
-    try:
-        model.validate(layout.tp)  # TP divides heads, KV heads and the MLP width
-    except ValueError as err:
-        problems.append(str(err))
+    problems += model_problems(model, layout.tp)  # TP divides heads, KV heads and the MLP width
     if layout.tp > gpus_per_node:
         problems.append(f"TP {layout.tp} would cross a node of {gpus_per_node} GPUs")
     if model.num_layers % layout.pp:

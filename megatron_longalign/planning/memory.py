@@ -24,7 +24,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from megatron_longalign.model.config import ModelConfig
+from megatron_longalign.config.model import ModelConfig
 
 GB = 1e9  # decimal gigabytes, as GPU memory is sold ("80 GB")
 RECOMPUTE_OPTIONS = ("none", "selective", "full")

@@ -104,7 +104,7 @@ import numpy as np
 import torch
 
 from megatron_longalign import megatron_compat
-from megatron_longalign.config.training import RESUME_AUTO, RESUME_FRESH
+from megatron_longalign.config.training import OPTIMIZER_FORMATS, RESUME_AUTO, RESUME_FRESH
 from megatron_longalign.data.planner import PlanPosition
 from megatron_longalign.training.checkpoint_io import load_sharded, save_sharded
 from megatron_longalign.utils.atomic_files import fsync_directory, write_text_durably
@@ -114,7 +114,6 @@ logger = logging.getLogger(__name__)
 MARKER = "complete.json"
 LATEST = "latest"
 FORMAT_VERSION = 1
-OPTIMIZER_FORMATS = ("dp_reshardable", "fully_reshardable", "fully_reshardable_mem_efficient")
 DEFAULT_OPTIMIZER_FORMAT = "dp_reshardable"
 
 _STEP_DIR = re.compile(r"step_(\d{8,})")
@@ -166,6 +165,28 @@ class TrainingState:
 # ---------------------------------------------------------------- manager
 
 
+def keep_last_problems(keep_last: int | None) -> list[str]:
+    """train.keep_last: complete checkpoints to keep, >= 1, or None (keep all)."""
+    if keep_last is not None and keep_last < 1:
+        return [f"train.keep_last must be >= 1 or null (keep all), got {keep_last}"]
+    return []
+
+
+def optimizer_format_problems(optimizer_format: str) -> list[str]:
+    """train.checkpoint_optimizer_format: one of OPTIMIZER_FORMATS."""
+    if optimizer_format in OPTIMIZER_FORMATS:
+        return []
+    why = (
+        " (megatron-core 0.16.1 cannot save it: flattened_range is not supported)"
+        if optimizer_format == "fully_sharded_model_space"
+        else ""
+    )
+    return [
+        f"train.checkpoint_optimizer_format must be one of {OPTIMIZER_FORMATS}, got "
+        f"{optimizer_format!r}{why}"
+    ]
+
+
 class CheckpointManager:
     """Saves and loads training checkpoints under `root`, keeping the newest `keep_last`
     complete ones (None keeps all). See the module docstring for the on-disk protocol
@@ -177,18 +198,9 @@ class CheckpointManager:
         keep_last: int | None = 3,
         optimizer_format: str = DEFAULT_OPTIMIZER_FORMAT,
     ) -> None:
-        if keep_last is not None and keep_last < 1:
-            raise ValueError(f"keep_last must be >= 1 or None (keep all), got {keep_last}")
-        if optimizer_format not in OPTIMIZER_FORMATS:
-            why = (
-                " (megatron-core 0.16.1 cannot save it: flattened_range is not supported)"
-                if optimizer_format == "fully_sharded_model_space"
-                else ""
-            )
-            raise ValueError(
-                f"optimizer_format must be one of {OPTIMIZER_FORMATS}, got "
-                f"{optimizer_format!r}{why}"
-            )
+        problems = keep_last_problems(keep_last) + optimizer_format_problems(optimizer_format)
+        if problems:
+            raise ValueError("; ".join(problems))
         self.root = Path(root)
         self.keep_last = keep_last
         self.optimizer_format = optimizer_format
@@ -431,8 +443,8 @@ def _check_loadable(marker: dict, layout: dict[str, int], optimizer, scheduler) 
         raise CheckpointError(
             f"optimizer state saved in the 'dp_reshardable' format reshards only in data "
             f"parallelism, but {detail}. Load with optimizer=None (model only), or use the "
-            "saved layout; save with optimizer_format='fully_reshardable' to change "
-            "TP/PP later"
+            "saved layout; save with train.checkpoint_optimizer_format=fully_reshardable to "
+            "change TP/PP later"
         )
 
 

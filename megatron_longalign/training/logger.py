@@ -1,53 +1,28 @@
 """Metrics logging: a compact console line and Weights & Biases, on global rank 0 only.
 
-wandb mode: "auto" (the default) is "online" when WANDB_API_KEY is set and "offline"
-otherwise (runs are written under `dir` and can be uploaded later with `wandb sync`);
-an explicit WANDB_MODE in the environment wins over "auto". "disabled" never imports
-wandb. A requeued Slurm job passes the same `run_id` and continues the same run
-(`wandb.init(id=run_id, resume="allow")`); the trainer should store `logger.run_id` in
-its checkpoint for that. Charts use `train/step` as their x-axis rather than wandb's own
-step counter, so steps repeated after a resume from an older checkpoint are kept
-instead of being dropped as out of order.
+wandb mode (logging.wandb.mode): "auto" is "online" when WANDB_API_KEY is set and
+"offline" otherwise (runs are written under `dir` and can be uploaded later with `wandb
+sync`); an explicit WANDB_MODE in the environment wins over "auto". "disabled" never
+imports wandb. A requeued Slurm job passes the same run id (logging.wandb.run_id, or the
+one its checkpoint stored) and continues the same run (`wandb.init(id=run_id,
+resume="allow")`); the trainer stores `logger.run_id` in its checkpoints for that. Charts
+use `train/step` as their x-axis rather than wandb's own step counter, so steps repeated
+after a resume from an older checkpoint are kept instead of being dropped as out of
+order.
 """
 
 from __future__ import annotations
 
 import os
-import re
 import sys
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
+from megatron_longalign.config.training import LoggingConfig
 from megatron_longalign.training.metrics import peak_memory_source
 
-WANDB_MODES = ("auto", "online", "offline", "disabled")
 STEP_KEY = "train/step"
-# wandb run ids: letters, digits and - _ . (it rejects / \ # ? % : and spaces).
-_RUN_ID = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
-
-
-@dataclass
-class LoggingConfig:
-    log_interval: int = 10  # steps between console lines and wandb points
-    wandb_mode: str = "auto"  # auto | online | offline | disabled
-    project: str = "megatron-longalign"
-    entity: str | None = None
-    name: str | None = None
-    tags: list[str] = field(default_factory=list)
-    dir: str | None = None  # None: WANDB_DIR, else the working directory
-    run_id: str | None = None  # set to continue a run (Slurm requeue, resume)
-
-    def validate(self) -> None:
-        if self.log_interval < 1:
-            raise ValueError(f"logging.log_interval must be >= 1, got {self.log_interval}")
-        if self.wandb_mode not in WANDB_MODES:
-            raise ValueError(f"logging.wandb_mode={self.wandb_mode!r}; choose one of {WANDB_MODES}")
-        if self.run_id is not None and not _RUN_ID.match(self.run_id):
-            raise ValueError(
-                f"logging.run_id={self.run_id!r}: use 1-128 letters, digits, '-', '_' or '.'"
-            )
 
 
 def resolve_wandb_mode(requested: str, environ: Mapping[str, str] | None = None) -> str:
@@ -122,8 +97,10 @@ class MetricsLogger:
     """Console + wandb on global rank 0; every other rank does nothing (no wandb run,
     no output), so callers need no rank checks.
 
-    `config` is a LoggingConfig (or an object with its fields and `validate()`); `run_config` is
-    recorded as the wandb run's config (the resolved Hydra config)."""
+    `config` is the `logging` group (validated at start-up, training/validate.py); `run_id`
+    is the wandb run to continue (None: `config.wandb.run_id`, and without one wandb starts
+    a new run); `run_config` is recorded as the wandb run's config (the resolved Hydra
+    config)."""
 
     def __init__(
         self,
@@ -131,17 +108,17 @@ class MetricsLogger:
         rank: int | None = None,
         run_config: Mapping[str, Any] | None = None,
         stream: TextIO | None = None,
+        run_id: str | None = None,
     ) -> None:
-        config.validate()
         self.config = config
         self.rank = resolve_rank(rank)
         self.enabled = self.rank == 0
-        self.mode = resolve_wandb_mode(config.wandb_mode) if self.enabled else "disabled"
+        self.mode = resolve_wandb_mode(config.wandb.mode) if self.enabled else "disabled"
         self._stream = stream
         # Say which memory the number is: process RSS on CPU is not GPU tensor memory.
         self._memory_label = "" if peak_memory_source().startswith("cuda") else " (cpu rss)"
         self._run = None
-        self._run_id = config.run_id
+        self._run_id = run_id if run_id is not None else config.wandb.run_id
         if self.mode != "disabled":
             self._start_wandb(run_config)
 
@@ -150,17 +127,18 @@ class MetricsLogger:
             import wandb
         except ImportError as error:
             raise ImportError(
-                "wandb is not installed; pip install wandb, or set logging.wandb_mode=disabled"
+                "wandb is not installed; pip install wandb, or set logging.wandb.mode=disabled"
             ) from error
-        if self.config.dir is not None:
-            Path(self.config.dir).mkdir(parents=True, exist_ok=True)
-        run_id = self.config.run_id
+        wandb_config = self.config.wandb
+        if wandb_config.dir is not None:
+            Path(wandb_config.dir).mkdir(parents=True, exist_ok=True)
+        run_id = self._run_id
         self._run = wandb.init(
-            project=self.config.project,
-            entity=self.config.entity,
-            name=self.config.name,
-            tags=list(self.config.tags) or None,
-            dir=self.config.dir,
+            project=wandb_config.project,
+            entity=wandb_config.entity,
+            name=wandb_config.run_name,
+            tags=list(wandb_config.tags) or None,
+            dir=wandb_config.dir,
             id=run_id,
             resume="allow" if run_id else None,
             mode=self.mode,

@@ -29,9 +29,9 @@ from megatron_longalign.data.preprocess_stats import HISTOGRAM_EDGES
 from megatron_longalign.utils.memory import peak_rss_bytes
 
 if TYPE_CHECKING:
+    from megatron_longalign.config.model import ModelConfig
     from megatron_longalign.data.microbatch import MicroBatch
     from megatron_longalign.data.planner import GlobalBatch
-    from megatron_longalign.model.config import ModelConfig
 
 # The per-step metric names, in logging order (DESIGN.md "Conventions"). `perf/mfu` is
 # left out of a step's dict when the accelerator's peak is unknown; `loss_by_len/<bucket>`

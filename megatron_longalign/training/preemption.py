@@ -40,6 +40,8 @@ import threading
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
+from megatron_longalign.utils.signals import signal_number
+
 if TYPE_CHECKING:
     import torch
 
@@ -54,18 +56,6 @@ _lock = threading.Lock()
 _previous: dict[int, Any] = {}  # signal number -> the handler that install() replaced
 _received: list[int] = []  # signals received since install(), in order of arrival
 _early = False  # installed by install_early(): the configured set is not known yet
-
-
-def signal_number(name: str | int) -> int:
-    """`SIGUSR1`, `USR1` or 10 -> 10."""
-    if isinstance(name, int):
-        return int(signal.Signals(name))
-    key = name.strip().upper()
-    key = key if key.startswith("SIG") else f"SIG{key}"
-    try:
-        return int(signal.Signals[key])
-    except KeyError as err:
-        raise ValueError(f"unknown signal {name!r}; use a name such as SIGUSR1 or SIGTERM") from err
 
 
 def _on_signal(signum: int, frame: Any) -> None:

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from megatron_longalign.config.training import LR_DECAY_STYLES, OptimConfig
+from megatron_longalign.config.training import OptimConfig
 
 
 def decay_steps(optim: OptimConfig, total_steps: int) -> int:
@@ -42,10 +42,6 @@ def build_scheduler(optimizer: Any, optim: OptimConfig, total_steps: int):
 
     steps = decay_steps(optim, total_steps)
     warmup = warmup_steps(optim, total_steps)
-    if optim.lr_decay_style not in LR_DECAY_STYLES:
-        raise ValueError(
-            f"optim.lr_decay_style={optim.lr_decay_style!r}; choose one of {LR_DECAY_STYLES}"
-        )
     if not 0 <= warmup < steps:
         raise ValueError(
             f"the warmup ({warmup} steps: optim.lr_warmup_steps, or optim.lr_warmup_fraction "

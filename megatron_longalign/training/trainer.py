@@ -49,13 +49,6 @@ from typing import Any
 import torch
 
 from megatron_longalign.config.training import LongAlignConfig
-from megatron_longalign.config.validate import (
-    ConfigError,
-    document_multiple,
-    empty_plan_problem,
-    overlength_warnings,
-    validate_config,
-)
 from megatron_longalign.data.indexed import DataFileError
 from megatron_longalign.data.microbatch import (
     MicroBatch,
@@ -64,6 +57,7 @@ from megatron_longalign.data.microbatch import (
 )
 from megatron_longalign.data.mixture import DatasetMixture
 from megatron_longalign.data.planner import GlobalBatch, GlobalBatchPlanner, PlanPosition
+from megatron_longalign.model.config import to_transformer_config
 from megatron_longalign.parallel.distributed import (
     context_parallel_rank,
     data_parallel_rank,
@@ -81,10 +75,16 @@ from megatron_longalign.training.checkpoint import (
     read_marker,
     resolve_resume,
 )
-from megatron_longalign.training.logger import LoggingConfig as MetricsLoggingConfig
 from megatron_longalign.training.logger import MetricsLogger
 from megatron_longalign.training.loss import loss_func
 from megatron_longalign.training.schedule import build_scheduler, current_lr
+from megatron_longalign.training.validate import (
+    ConfigError,
+    document_multiple,
+    empty_plan_problem,
+    overlength_warnings,
+    validate_config,
+)
 
 log = logging.getLogger("megatron_longalign.train")
 
@@ -207,7 +207,7 @@ def build_transformer_config(config: LongAlignConfig, dtype: torch.dtype, cpu: b
         # megatron rejects variable lengths with its default MoE dispatcher ("allgather")
         # even when the model has no experts.
         overrides["moe_token_dispatcher_type"] = "alltoall"
-    return config.model.to_transformer_config(**overrides)
+    return to_transformer_config(config.model, **overrides)
 
 
 def finalize_grads_as_sum(
@@ -404,7 +404,13 @@ class Trainer:
         # Checkpoints.
         ckpt_dir = config.train.checkpoint_dir
         self.checkpoints = (
-            CheckpointManager(ckpt_dir, keep_last=config.train.keep_last) if ckpt_dir else None
+            CheckpointManager(
+                ckpt_dir,
+                keep_last=config.train.keep_last,
+                optimizer_format=config.train.checkpoint_optimizer_format,
+            )
+            if ckpt_dir
+            else None
         )
         self.last_saved_step: int | None = None
         self.preempted = False  # train() stopped early on a preemption signal (and saved)
@@ -574,22 +580,16 @@ class Trainer:
     def _open_metrics_logger(self) -> None:
         if self.metrics_logger is not None:
             return
-        logging_config, wandb = self.config.logging, self.config.logging.wandb
-        config = MetricsLoggingConfig(
-            log_interval=logging_config.log_interval,
-            wandb_mode=wandb.mode,
-            project=wandb.project,
-            entity=wandb.entity,
-            name=wandb.run_name,
-            tags=list(wandb.tags),
-            dir=wandb.dir,
-            run_id=self.wandb_run_id,
-        )
         try:
             run_config = dataclasses.asdict(self.config)
         except TypeError:  # pragma: no cover - defensive: not every field is a dataclass
             run_config = None
-        self.metrics_logger = MetricsLogger(config, run_config=run_config, stream=_LogStream())
+        self.metrics_logger = MetricsLogger(
+            self.config.logging,
+            run_config=run_config,
+            stream=_LogStream(),
+            run_id=self.wandb_run_id,
+        )
         self._own_metrics_logger = True
         self.wandb_run_id = self.metrics_logger.run_id or self.wandb_run_id
 

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from megatron_longalign.config.model import ModelConfig, RopeScalingConfig
 from megatron_longalign.convert.errors import UnsupportedModelError
 from megatron_longalign.convert.hf_config import (
     config_from_hf,
@@ -16,7 +17,6 @@ from megatron_longalign.convert.hf_config import (
     model_config_from_yaml,
     model_yaml,
 )
-from megatron_longalign.model.config import ModelConfig, RopeScalingConfig
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -9,6 +9,7 @@ import json
 import pytest
 import torch
 
+from megatron_longalign.config.model import ModelConfig
 from megatron_longalign.convert.hf_import import fill_parameter
 from megatron_longalign.convert.hf_names import (
     export_sources,
@@ -18,7 +19,6 @@ from megatron_longalign.convert.hf_names import (
 )
 from megatron_longalign.convert.hf_reader import HFCheckpointReader
 from megatron_longalign.convert.safetensors_writer import SafetensorsStreamWriter
-from megatron_longalign.model.config import ModelConfig
 from tests.convert.conftest import CASES, make_hf_model, save_hf
 
 CONFIGS = {

@@ -8,9 +8,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from megatron_longalign.config.data import SkipAlignConfig
 from megatron_longalign.data.microbatch import MicroBatchBuilder, shard_for_context_parallel
 from megatron_longalign.data.planner import MicroBatchPlan
-from megatron_longalign.data.positions import SkipAlignConfig
 from megatron_longalign.parallel.context_parallel import context_parallel_token_index
 from tests.data.test_microbatch import fake_samples
 from tests.fake_group import FakeGroup

@@ -7,12 +7,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from megatron_longalign.config.data import DataConfig, DatasetSource
+from megatron_longalign.config.data import DataConfig, DatasetSource, SkipAlignConfig
 from megatron_longalign.data.indexed import SFTSample
 from megatron_longalign.data.microbatch import MicroBatchBuilder
 from megatron_longalign.data.mixture import DatasetMixture
 from megatron_longalign.data.planner import GlobalBatchPlanner, MicroBatchPlan
-from megatron_longalign.data.positions import SkipAlignConfig
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from megatron_longalign.data.packing import PACKING_ALGORITHMS, Packs, pack_samples
+from megatron_longalign.config.data import PACKING_ALGORITHMS
+from megatron_longalign.data.packing import Packs, pack_samples
 
 # --- quadratic references: plain Python, a linear scan over all open packs -----------------
 

@@ -7,15 +7,16 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from megatron_longalign.config.data import BOUNDARY_KINDS, SkipAlignConfig
+from megatron_longalign.config.errors import raise_if_problems
 from megatron_longalign.data.conversation import conversation_from_record
 from megatron_longalign.data.encoding import SampleEncoder
 from megatron_longalign.data.positions import (
-    BOUNDARY_KINDS,
-    SkipAlignConfig,
     document_position_ids,
     sample_rng,
     segment_starts,
     skipalign_position_ids,
+    skipalign_problems,
 )
 from megatron_longalign.data.templates import TEMPLATES, RegionKind, get_template
 from tests.conftest import chat
@@ -420,7 +421,7 @@ def test_document_position_ids():
 
 def test_default_config_is_valid_and_disabled():
     config = SkipAlignConfig()
-    config.validate()
+    raise_if_problems(skipalign_problems(config))
     assert not config.enabled and config.boundaries == BOUNDARY_KINDS
 
 
@@ -441,8 +442,8 @@ def test_default_config_is_valid_and_disabled():
 )
 def test_config_validation(changes, match):
     with pytest.raises(ValueError, match=match):
-        SkipAlignConfig(**changes).validate()
+        raise_if_problems(skipalign_problems(SkipAlignConfig(**changes)))
 
 
 def test_empty_boundaries_allowed_when_disabled():
-    SkipAlignConfig(enabled=False, boundaries=()).validate()
+    raise_if_problems(skipalign_problems(SkipAlignConfig(enabled=False, boundaries=())))

@@ -9,7 +9,8 @@ from collections.abc import Iterator
 import pytest
 import torch
 
-from megatron_longalign.model.config import ModelConfig
+from megatron_longalign.config.model import ModelConfig
+from megatron_longalign.model.config import to_transformer_config
 from tests.megatron_session import megatron_on_cpu
 from tests.tiny_model import tiny_model_config
 
@@ -41,7 +42,7 @@ def build(config: ModelConfig, backend: str | None = None, seed: int = SEED, **o
 
     torch.manual_seed(seed)
     model_parallel_cuda_manual_seed(seed)
-    transformer_config = config.to_transformer_config(use_cpu_initialization=True, **overrides)
+    transformer_config = to_transformer_config(config, use_cpu_initialization=True, **overrides)
     return build_gpt_model(config, backend=backend, transformer_config=transformer_config)
 
 

@@ -16,6 +16,7 @@ from megatron_longalign.model.attention import (
     sdpa_varlen,
 )
 from megatron_longalign.model.backends import unavailable_reason
+from megatron_longalign.model.config import to_transformer_config
 from tests.model.conftest import doc_slices, tiny_config
 
 pytestmark = pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
@@ -81,7 +82,7 @@ def test_sdpa_varlen_never_builds_a_pack_sized_matrix(monkeypatch):
 def _module(cls, **config_changes):
     from megatron.core.transformer.enums import AttnMaskType
 
-    config = tiny_config(**config_changes).to_transformer_config(use_cpu_initialization=True)
+    config = to_transformer_config(tiny_config(**config_changes), use_cpu_initialization=True)
     return cls(config=config, layer_number=1, attn_mask_type=AttnMaskType.causal)
 
 
@@ -121,7 +122,7 @@ def test_sdpa_module_rejects_what_it_cannot_do():
     with pytest.raises(NotImplementedError, match="dropout"):
         from megatron.core.transformer.enums import AttnMaskType
 
-        config = tiny_config().to_transformer_config(attention_dropout=0.1)
+        config = to_transformer_config(tiny_config(), attention_dropout=0.1)
         SDPACoreAttention(config=config, layer_number=1, attn_mask_type=AttnMaskType.causal)
     module = _module(SDPACoreAttention)
     q, k, v = _qkv(5, 4, 2, dim=16)

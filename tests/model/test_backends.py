@@ -11,6 +11,7 @@ from megatron_longalign.model.backends import (
     resolve_attention_backend,
     unavailable_reason,
 )
+from megatron_longalign.model.config import to_transformer_config
 from tests.model.conftest import tiny_config
 
 NO_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only choice")
@@ -87,7 +88,7 @@ def test_sequence_parallel_needs_te():
     with pytest.raises(ValueError, match="sequence_parallel needs the 'te'"):
         build_gpt_model(
             config,
-            transformer_config=config.to_transformer_config(
-                tensor_model_parallel_size=2, sequence_parallel=True
+            transformer_config=to_transformer_config(
+                config, tensor_model_parallel_size=2, sequence_parallel=True
             ),
         )

@@ -8,7 +8,9 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from megatron_longalign.model.config import ModelConfig, RopeScalingConfig
+from megatron_longalign.config.errors import raise_if_problems
+from megatron_longalign.config.model import ModelConfig, RopeScalingConfig
+from megatron_longalign.model.config import model_problems, to_transformer_config
 
 CONF = Path(__file__).resolve().parents[2] / "conf" / "model"
 YAMLS = sorted(CONF.glob("*.yaml"))
@@ -35,8 +37,8 @@ def test_all_five_model_configs_exist():
 def test_yaml_loads_validates_and_converts(path):
     config = load(path)
     assert config.name == path.stem
-    config.validate()
-    transformer = config.to_transformer_config()
+    raise_if_problems(model_problems(config))
+    transformer = to_transformer_config(config)
     assert transformer.num_layers == config.num_layers
     assert transformer.num_query_groups == config.query_groups
     assert transformer.kv_channels == config.head_dim
@@ -72,7 +74,7 @@ def test_tiny_yaml_builds_and_runs_forward_and_backward():
 
     config = load(CONF / "tiny.yaml")
     model = build_gpt_model(
-        config, transformer_config=config.to_transformer_config(use_cpu_initialization=True)
+        config, transformer_config=to_transformer_config(config, use_cpu_initialization=True)
     )
     assert model.attention_backend == "sdpa"  # auto, on a machine without CUDA
     lengths = [3, 1, 5]
@@ -112,7 +114,7 @@ def test_tiny_yaml_builds_and_runs_forward_and_backward():
 )
 def test_validate_names_the_problem(changes, tp, message):
     with pytest.raises(ValueError, match=message):
-        ModelConfig(**changes).validate(tensor_parallel_size=tp)
+        raise_if_problems(model_problems(ModelConfig(**changes), tensor_parallel_size=tp))
 
 
 @pytest.mark.parametrize("tp", [1, 2, 4, 8])
@@ -121,21 +123,21 @@ def test_seven_b_models_validate_at_usual_tp_sizes(tp):
         config = load(CONF / f"{name}.yaml")
         if name == "qwen2_5_7b" and tp == 8:  # 4 KV heads, 28 query heads
             with pytest.raises(ValueError, match="tensor parallel size 8"):
-                config.validate(tp)
+                raise_if_problems(model_problems(config, tp))
         else:
-            config.validate(tp)
+            raise_if_problems(model_problems(config, tp))
 
 
 def test_to_transformer_config_passes_overrides_and_refuses_rope_fusion():
     config = ModelConfig(num_query_groups=2)
-    transformer = config.to_transformer_config(
-        tensor_model_parallel_size=2, bf16=True, params_dtype=torch.bfloat16
+    transformer = to_transformer_config(
+        config, tensor_model_parallel_size=2, bf16=True, params_dtype=torch.bfloat16
     )
     assert transformer.tensor_model_parallel_size == 2 and transformer.bf16
     with pytest.raises(ValueError, match="apply_rope_fusion"):
-        config.to_transformer_config(apply_rope_fusion=True)
+        to_transformer_config(config, apply_rope_fusion=True)
     with pytest.raises(ValueError, match="tensor parallel size 8"):
-        config.to_transformer_config(tensor_model_parallel_size=8)
+        to_transformer_config(config, tensor_model_parallel_size=8)
 
 
 def test_padded_vocab_size():

@@ -16,6 +16,7 @@ from megatron_longalign.model.attention import (
     sdpa_varlen_context_parallel,
 )
 from megatron_longalign.model.backends import unavailable_reason
+from megatron_longalign.model.config import to_transformer_config
 from megatron_longalign.parallel.context_parallel import (
     ContextParallelView,
     context_parallel_token_index,
@@ -82,7 +83,7 @@ def test_flash_rejects_context_parallelism_and_sdpa_accepts_it():
 
     from megatron_longalign.model.attention import FlashCoreAttention, SDPACoreAttention
 
-    config = tiny_config().to_transformer_config(context_parallel_size=2)
+    config = to_transformer_config(tiny_config(), context_parallel_size=2)
     with pytest.raises(NotImplementedError, match="does not support context parallelism"):
         FlashCoreAttention.__new__(FlashCoreAttention)._reject_unsupported(
             config, AttnMaskType.causal, "self", 0.0

@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 import torch
 
+from megatron_longalign.config.model import RopeScalingConfig
 from megatron_longalign.model.attention import packed_seq_params_from
-from megatron_longalign.model.config import RopeScalingConfig
+from megatron_longalign.model.config import to_transformer_config
 from megatron_longalign.model.gpt import (
     _place_for_context_parallel,
     gpt_layer_spec,
@@ -112,7 +113,7 @@ def test_sdpa_backend_equals_megatrons_dot_product_attention(sdpa_model):
 
     config = tiny_config()
     reference = GPTModel(
-        config.to_transformer_config(use_cpu_initialization=True),
+        to_transformer_config(config, use_cpu_initialization=True),
         get_gpt_layer_local_spec(normalization="RMSNorm"),
         vocab_size=config.padded_vocab_size(),
         max_sequence_length=config.max_position_embeddings,
@@ -145,7 +146,7 @@ def test_default_positions_equal_megatrons_thd_rope(sdpa_model):
 
     config = tiny_config()
     plain = GPTModel(
-        config.to_transformer_config(use_cpu_initialization=True),
+        to_transformer_config(config, use_cpu_initialization=True),
         gpt_layer_spec("sdpa"),
         vocab_size=config.padded_vocab_size(),
         max_sequence_length=config.max_position_embeddings,

@@ -9,7 +9,9 @@ import sys
 
 import pytest
 
-from megatron_longalign.parallel.distributed import ParallelConfig
+from megatron_longalign.config.errors import raise_if_problems
+from megatron_longalign.config.parallel import ParallelConfig
+from megatron_longalign.parallel.distributed import parallel_problems
 from tests.parallel.launch import REPO, WORKERS, worker_env
 
 
@@ -28,21 +30,21 @@ def test_valid_layouts_give_data_parallel_size():
 def test_world_size_must_divide():
     layout = ParallelConfig(tensor_model_parallel_size=2, pipeline_model_parallel_size=3)
     with pytest.raises(ValueError, match=r"world size 8 is not divisible .* = 6"):
-        layout.validate(8)
+        raise_if_problems(parallel_problems(layout, 8))
 
 
 def test_sequence_parallel_needs_tensor_parallel():
     with pytest.raises(
         ValueError, match="sequence_parallel=true needs tensor_model_parallel_size > 1"
     ):
-        ParallelConfig(sequence_parallel=True).validate(4)
+        raise_if_problems(parallel_problems(ParallelConfig(sequence_parallel=True), 4))
 
 
 @pytest.mark.parametrize("field", ["tensor_model_parallel_size", "context_parallel_size"])
 @pytest.mark.parametrize("value", [0, -1, 1.5, True])
 def test_sizes_must_be_positive_integers(field, value):
     with pytest.raises(ValueError, match=f"parallel.{field} must be an integer >= 1"):
-        ParallelConfig(**{field: value}).validate(4)
+        raise_if_problems(parallel_problems(ParallelConfig(**{field: value}), 4))
 
 
 def test_initialize_single_process_on_cpu(tmp_path):

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from megatron_longalign.model.config import ModelConfig
+from megatron_longalign.config.model import ModelConfig
 from megatron_longalign.planning.memory import (
     CPU_FP32,
     GB,

@@ -159,3 +159,17 @@ def test_save_schedule_position_and_resume_in_process(sample_prefixes, tmp_path)
     assert Trainer(config).state.step == 0
     config.train.resume = str(ckpt / "step_00000002")
     assert Trainer(config).state.step == 2
+
+
+def test_checkpoint_optimizer_format_reaches_the_manager(sample_prefixes, tmp_path):
+    config = tiny_training_config(
+        sample_prefixes,
+        max_steps=1,
+        checkpoint_dir=str(tmp_path / "ckpt"),
+        checkpoint_optimizer_format="fully_reshardable",
+    )
+    trainer = Trainer(config, metrics_logger=Recorder())
+    assert trainer.checkpoints.optimizer_format == "fully_reshardable"
+    trainer.train()
+    marker = read_marker(tmp_path / "ckpt" / "step_00000001")
+    assert marker["sharding_metadata"]["distrib_optim_sharding_type"] == "fully_reshardable"

@@ -16,11 +16,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from megatron_longalign.config.validate import config_problems
 from megatron_longalign.training import preemption
 from megatron_longalign.training.checkpoint import CheckpointManager, read_marker
 from megatron_longalign.training.schedule import build_scheduler, warmup_steps
 from megatron_longalign.training.trainer import Trainer
+from megatron_longalign.training.validate import config_problems
 from tests.parallel.launch import REPO, worker_env
 from tests.training.workers.common import read_losses, tiny_training_config
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from megatron_longalign.config.training import LongAlignConfig, to_config
-from megatron_longalign.config.validate import ConfigError, config_problems, validate_config
+from megatron_longalign.training.validate import ConfigError, config_problems, validate_config
 from tests.training.workers.common import tiny_training_config
 
 CONF = Path(__file__).resolve().parents[2] / "conf"
@@ -128,8 +128,8 @@ def test_sources_preprocessed_with_different_tokenizers(config, tmp_path):
 
 
 def test_samples_longer_than_seq_length(config):
-    from megatron_longalign.config.validate import overlength_warnings
     from megatron_longalign.data.indexed import open_dataset_files
+    from megatron_longalign.training.validate import overlength_warnings
 
     lengths = [open_dataset_files(s.prefix).lengths for s in config.data.sources]
     config.data.seq_length = 16  # shorter than every sample
@@ -266,3 +266,31 @@ def test_checkpoint_and_wandb_fields_are_validated(sample_prefixes):
     assert any(
         "needs train.checkpoint_dir" in p for p in config_problems(config, check_files=False)
     )
+
+
+def test_checkpoint_optimizer_format_is_validated(sample_prefixes):
+    config = tiny_training_config(sample_prefixes)
+    assert config.train.checkpoint_optimizer_format == "dp_reshardable"
+    assert not config_problems(config, check_files=False)
+    config.train.checkpoint_optimizer_format = "fully_sharded_model_space"
+    message = problem_about(config, "train.checkpoint_optimizer_format")
+    assert "fully_reshardable" in message and "flattened_range is not supported" in message
+    composed = compose("train.checkpoint_optimizer_format=fully_reshardable")
+    assert composed.train.checkpoint_optimizer_format == "fully_reshardable"
+    assert not [p for p in config_problems(composed, check_files=False) if "checkpoint" in p]
+
+
+def test_one_dataset_in_one_line(sample_prefixes):
+    """`data=single data.prefix=P` (README): P is the only source, weight 1."""
+    prefix = sample_prefixes["long"]
+    config = compose("data=single", f"data.prefix={prefix}", "data.on_overlength=drop")
+    assert [(s.prefix, s.weight) for s in config.data.sources] == [(prefix, 1.0)]
+    assert not [p for p in config_problems(config) if "data" in p]
+    # Without the path: one problem that says what to set (and no file error besides).
+    missing = compose("data=single")
+    assert [(s.prefix, s.weight) for s in missing.data.sources] == [("", 1.0)]
+    message = problem_about(missing, "data.sources[0].prefix is empty")
+    assert "data=single, data.prefix=P" in message
+    # data.prefix is read by data=single only: never ignored silently.
+    other = compose(f"data.prefix={prefix}")
+    problem_about(other, f"data.prefix='{prefix}' is not one of data.sources")

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 
-from megatron_longalign.config.validate import config_problems
 from megatron_longalign.training import checkpoint
 from megatron_longalign.training.checkpoint import (
     MARKER,
@@ -22,6 +21,7 @@ from megatron_longalign.training.checkpoint import (
     read_marker,
     resolve_resume,
 )
+from megatron_longalign.training.validate import config_problems
 from tests.training.workers.common import tiny_training_config
 from tests.training_checkpoint.test_protocol import commit, fake_checkpoint, names
 

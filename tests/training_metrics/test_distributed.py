@@ -13,8 +13,9 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from megatron_longalign.config.training import LoggingConfig, WandbConfig
 from megatron_longalign.parallel.distributed import free_port
-from megatron_longalign.training.logger import LoggingConfig, MetricsLogger
+from megatron_longalign.training.logger import MetricsLogger
 from megatron_longalign.training.metrics import LossByLength
 
 # rank -> documents (length, target losses); rank 1 has no 512-1k document.
@@ -40,7 +41,9 @@ def _worker(rank: int, port: int, out: str) -> None:
         meter.add(np.concatenate(losses), np.concatenate(weights), np.array(bounds))
         meter.all_reduce()
         stream = io.StringIO()
-        logger = MetricsLogger(LoggingConfig(log_interval=1, wandb_mode="disabled"), stream=stream)
+        logger = MetricsLogger(
+            LoggingConfig(log_interval=1, wandb=WandbConfig(mode="disabled")), stream=stream
+        )
         logger.log(1, {"train/loss": 1.0})
         logger.close()
         result = {"means": meter.means(), "rank": logger.rank, "console": stream.getvalue()}

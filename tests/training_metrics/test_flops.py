@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 from omegaconf import OmegaConf
 
+from megatron_longalign.config.model import ModelConfig
 from megatron_longalign.data.indexed import SFTSample
 from megatron_longalign.data.microbatch import MicroBatchBuilder
 from megatron_longalign.data.planner import GlobalBatch, MicroBatchPlan
-from megatron_longalign.model.config import ModelConfig
 from megatron_longalign.training.metrics import (
     attention_flops_coefficient,
     batch_document_lengths,

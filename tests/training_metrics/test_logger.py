@@ -11,15 +11,16 @@ import types
 
 import pytest
 
+from megatron_longalign.config.training import LoggingConfig, WandbConfig
 from megatron_longalign.training import logger as logger_module
 from megatron_longalign.training.logger import (
     STEP_KEY,
-    LoggingConfig,
     MetricsLogger,
     format_console_line,
     resolve_rank,
     resolve_wandb_mode,
 )
+from megatron_longalign.training.validate import logging_problems
 
 METRICS = {
     "train/loss": 2.34567,
@@ -68,13 +69,19 @@ def test_wandb_mode_resolution(requested, env, mode):
     assert resolve_wandb_mode(requested, env) == mode
 
 
+def offline(**wandb) -> LoggingConfig:
+    return LoggingConfig(wandb=WandbConfig(mode="offline", **wandb))
+
+
 def test_config_validation_names_the_field():
-    with pytest.raises(ValueError, match="logging.log_interval"):
-        LoggingConfig(log_interval=0).validate()
-    with pytest.raises(ValueError, match="logging.wandb_mode"):
-        LoggingConfig(wandb_mode="cloud").validate()
-    with pytest.raises(ValueError, match="logging.run_id"):
-        LoggingConfig(run_id="job/42").validate()
+    # Each message names a field of the schema: logging.wandb.mode, not logging.wandb_mode.
+    (problem,) = logging_problems(LoggingConfig(log_interval=0))
+    assert problem.startswith("logging.log_interval must be >= 1")
+    (problem,) = logging_problems(LoggingConfig(wandb=WandbConfig(mode="cloud")))
+    assert problem.startswith("logging.wandb.mode='cloud'")
+    (problem,) = logging_problems(LoggingConfig(wandb=WandbConfig(run_id="job/42")))
+    assert problem.startswith("logging.wandb.run_id='job/42'")
+    assert not logging_problems(LoggingConfig())
 
 
 def test_rank_resolution(monkeypatch):
@@ -123,13 +130,15 @@ def test_run_id_resumes_the_same_run(fake_wandb, tmp_path, monkeypatch):
     monkeypatch.setattr(logger_module, "peak_memory_source", lambda: "cuda max_memory_allocated")
     config = LoggingConfig(
         log_interval=5,
-        wandb_mode="offline",
-        project="p",
-        entity="e",
-        name="n",
-        tags=["a", "b"],
-        dir=str(tmp_path / "wb"),
-        run_id="slurm-1234",
+        wandb=WandbConfig(
+            mode="offline",
+            project="p",
+            entity="e",
+            run_name="n",
+            tags=["a", "b"],
+            dir=str(tmp_path / "wb"),
+            run_id="slurm-1234",
+        ),
     )
     stream = io.StringIO()
     logger = MetricsLogger(config, rank=0, run_config={"seed": 1}, stream=stream)
@@ -156,16 +165,23 @@ def test_run_id_resumes_the_same_run(fake_wandb, tmp_path, monkeypatch):
 
 
 def test_without_run_id_wandb_picks_one_and_logger_exposes_it(fake_wandb):
-    logger = MetricsLogger(LoggingConfig(wandb_mode="offline"), rank=0, stream=io.StringIO())
+    logger = MetricsLogger(offline(), rank=0, stream=io.StringIO())
     assert fake_wandb.inits[0]["id"] is None and fake_wandb.inits[0]["resume"] is None
     logger.close()
     assert logger.run_id == "generated-id"  # for the checkpoint, to resume this run
 
 
+def test_run_id_argument_continues_that_run(fake_wandb):
+    """The trainer passes the run id its checkpoint stored (or logging.wandb.run_id)."""
+    logger = MetricsLogger(offline(run_id="from-config"), rank=0, run_id="from-checkpoint")
+    assert fake_wandb.inits[0]["id"] == "from-checkpoint" and logger.run_id == "from-checkpoint"
+    logger.close()
+
+
 def test_other_ranks_log_nothing(fake_wandb, capsys):
     stream = io.StringIO()
     logger = MetricsLogger(
-        LoggingConfig(log_interval=1, wandb_mode="online"), rank=1, stream=stream
+        LoggingConfig(log_interval=1, wandb=WandbConfig(mode="online")), rank=1, stream=stream
     )
     assert fake_wandb.inits == []  # no wandb run at all
     assert not logger.log(1, METRICS, force=True)
@@ -175,13 +191,15 @@ def test_other_ranks_log_nothing(fake_wandb, capsys):
 
 def test_rank_from_environment_when_not_given(fake_wandb, monkeypatch):
     monkeypatch.setenv("RANK", "2")
-    logger = MetricsLogger(LoggingConfig(wandb_mode="offline"), stream=io.StringIO())
+    logger = MetricsLogger(offline(), stream=io.StringIO())
     assert logger.rank == 2 and not logger.enabled and fake_wandb.inits == []
 
 
 def test_disabled_mode_never_imports_wandb(monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "wandb", None)  # any import of wandb would fail
-    logger = MetricsLogger(LoggingConfig(log_interval=1, wandb_mode="disabled"), rank=0)
+    logger = MetricsLogger(
+        LoggingConfig(log_interval=1, wandb=WandbConfig(mode="disabled")), rank=0
+    )
     assert logger.log(3, {"train/loss": 0.5})
     logger.close()
     assert capsys.readouterr().out == "step 3 | loss 0.5000\n"
@@ -189,8 +207,8 @@ def test_disabled_mode_never_imports_wandb(monkeypatch, capsys):
 
 def test_missing_wandb_is_a_clear_error(monkeypatch):
     monkeypatch.setitem(sys.modules, "wandb", None)
-    with pytest.raises(ImportError, match="wandb_mode=disabled"):
-        MetricsLogger(LoggingConfig(wandb_mode="offline"), rank=0)
+    with pytest.raises(ImportError, match=r"set logging\.wandb\.mode=disabled"):
+        MetricsLogger(offline(), rank=0)
 
 
 # ---- real wandb, offline, with a network tripwire ---------------------------------------
@@ -257,7 +275,8 @@ def offline_env(tmp_path, monkeypatch):
 
 
 def test_offline_run_writes_locally_and_never_touches_the_network(offline_env):
-    config = LoggingConfig(log_interval=1, run_id="requeue-7")  # auto, no API key
+    config = LoggingConfig(log_interval=1, wandb=WandbConfig(mode="auto", run_id="requeue-7"))
+    # auto, no API key
     stream = io.StringIO()
     logger = MetricsLogger(config, rank=0, run_config={"model": "tiny"}, stream=stream)
     assert logger.mode == "offline" and logger.run_id == "requeue-7"

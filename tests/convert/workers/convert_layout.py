@@ -58,9 +58,10 @@ def main() -> None:
     args = parser.parse_args()
     spec = json.loads(args.spec.read_text())
 
+    from megatron_longalign.config.parallel import ParallelConfig
     from megatron_longalign.convert.hf_config import model_config_from_dict
     from megatron_longalign.convert.hf_import import import_hf_checkpoint
-    from megatron_longalign.parallel.distributed import ParallelConfig, initialize_distributed
+    from megatron_longalign.parallel.distributed import initialize_distributed
     from tests.convert.conftest import load_checkpoint
 
     parallel = ParallelConfig(

@@ -32,13 +32,15 @@ from tiny_gpt import (
     write_rank_result,
 )
 
+from megatron_longalign.config.data import SkipAlignConfig
+from megatron_longalign.config.model import ModelConfig
+from megatron_longalign.config.parallel import ParallelConfig
 from megatron_longalign.data.indexed import SFTSample
 from megatron_longalign.data.microbatch import MicroBatchBuilder, shard_for_context_parallel
 from megatron_longalign.data.planner import MicroBatchPlan
-from megatron_longalign.data.positions import SkipAlignConfig
 from megatron_longalign.data.weights import per_token_weights
-from megatron_longalign.model.config import ModelConfig
-from megatron_longalign.parallel.distributed import ParallelConfig, initialize_distributed
+from megatron_longalign.model.config import to_transformer_config
+from megatron_longalign.parallel.distributed import initialize_distributed
 from megatron_longalign.training.loss import NLL_SUM, NUM_TARGETS, loss_func
 from tests.tiny_model import tiny_model_config
 
@@ -134,7 +136,7 @@ def build(cp: int, backend: str, device: torch.device):
     if pp > 1:
         overrides["moe_token_dispatcher_type"] = "alltoall"
     config = model_config(backend)
-    transformer_config = config.to_transformer_config(**overrides)
+    transformer_config = to_transformer_config(config, **overrides)
     model = build_gpt_model(
         config,
         pre_process=parallel_state.is_pipeline_first_stage(),

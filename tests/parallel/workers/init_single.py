@@ -6,8 +6,8 @@ from __future__ import annotations
 import json
 import sys
 
+from megatron_longalign.config.parallel import ParallelConfig
 from megatron_longalign.parallel.distributed import (
-    ParallelConfig,
     data_parallel_rank,
     data_parallel_size,
     destroy_distributed,

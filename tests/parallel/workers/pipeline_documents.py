@@ -36,6 +36,7 @@ from tiny_gpt import (
     write_rank_result,
 )
 
+from megatron_longalign.model.config import to_transformer_config
 from megatron_longalign.model.gpt import build_gpt_model, packed_seq_params_from
 from tests.tiny_model import tiny_model_config
 
@@ -156,7 +157,7 @@ def document_losses(micro_batch: MicroBatch, token_losses: torch.Tensor) -> dict
 def plain_reference(packs: list[list[Document]]) -> dict:
     """Every document alone through a single-stage model with plain autograd."""
     model = build_gpt_model(
-        MODEL, transformer_config=MODEL.to_transformer_config(use_cpu_initialization=True)
+        MODEL, transformer_config=to_transformer_config(MODEL, use_cpu_initialization=True)
     )
     set_deterministic_weights(model, WEIGHT_SEED)
     losses = {}
@@ -208,7 +209,8 @@ def run_schedule(model, micro_batches: list[MicroBatch], forward_only: bool) -> 
 def pipeline_runs(packs: list[list[Document]]) -> dict:
     from megatron.core import parallel_state
 
-    config = MODEL.to_transformer_config(
+    config = to_transformer_config(
+        MODEL,
         use_cpu_initialization=True,
         pipeline_model_parallel_size=parallel_state.get_pipeline_model_parallel_world_size(),
         # The trainer's overrides for PP (training/trainer.py build_transformer_config).

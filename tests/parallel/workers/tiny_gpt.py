@@ -20,7 +20,8 @@ from pathlib import Path
 
 import torch
 
-from megatron_longalign.parallel.distributed import ParallelConfig, initialize_distributed
+from megatron_longalign.config.parallel import ParallelConfig
+from megatron_longalign.parallel.distributed import initialize_distributed
 
 # megatron warns about missing TE/apex at import; the launcher also sets PYTHONWARNINGS.
 warnings.filterwarnings("ignore")

@@ -16,13 +16,13 @@ from dataclasses import replace
 from pathlib import Path
 
 from megatron_longalign.config.data import DataConfig, DatasetSource
+from megatron_longalign.config.parallel import ParallelConfig
 from megatron_longalign.config.training import (
     LoggingConfig,
     LongAlignConfig,
     OptimConfig,
     TrainConfig,
 )
-from megatron_longalign.parallel.distributed import ParallelConfig
 from tests.tiny_model import tiny_model_config
 
 # The session tokenizer of tests/conftest.py has 600 pieces.

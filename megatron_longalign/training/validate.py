@@ -1,10 +1,13 @@
-"""Start-up validation of a whole `LongAlignConfig`.
+"""Start-up validation of a whole `LongAlignConfig`: the one validator.
 
-Each group validates itself (`ModelConfig.validate`, `DataConfig.validate`,
-`ParallelConfig.validate`, `SkipAlignConfig.validate`); this module adds the checks that
-need several groups or the file system, and collects every problem into one
-`ConfigError`, so a run that cannot work says everything to change at once, before any
-process group or model is built. Every message names the field (`group.field`).
+It collects every problem into one `ConfigError`, so a run that cannot work says
+everything to change at once, before any process group or model is built. Every message
+names the field (`group.field`). Each rule is written once: the rules a component also
+applies to its own arguments live next to it, as functions that return problems, and are
+called from here (`parallel_problems`, `model_problems`, `sequence_parallel_problems`,
+`data_problems`, `loss_reduction_problems`, `skipalign_problems` through
+`data_problems`, `keep_last_problems`, `optimizer_format_problems`); the others, and the
+checks that need several groups or the file system, are here.
 """
 
 from __future__ import annotations
@@ -17,7 +20,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from megatron_longalign.config.data import LOSS_REDUCTIONS
+from megatron_longalign.config.errors import ConfigError
+from megatron_longalign.config.model import ATTENTION_BACKENDS
 from megatron_longalign.config.training import (
     LR_DECAY_STYLES,
     OPTIMIZERS,
@@ -25,19 +29,27 @@ from megatron_longalign.config.training import (
     RECOMPUTE_GRANULARITIES,
     RECOMPUTE_METHODS,
     RESUME_KEYWORDS,
+    RUN_ID_PATTERN,
     WANDB_MODES,
+    LoggingConfig,
     LongAlignConfig,
 )
+from megatron_longalign.data.planner import data_problems, loss_reduction_problems
+from megatron_longalign.model.backends import sequence_parallel_problems, unavailable_reason
+from megatron_longalign.model.config import model_problems
 from megatron_longalign.parallel import context_parallel
-from megatron_longalign.training.preemption import signal_number
+from megatron_longalign.parallel.distributed import parallel_problems
+from megatron_longalign.utils.signals import signal_number
 
-
-class ConfigError(ValueError):
-    """The configuration cannot run; the message lists every problem."""
-
-    def __init__(self, problems: list[str]) -> None:
-        self.problems = list(problems)
-        super().__init__("invalid configuration:\n" + "\n".join(f"  - {p}" for p in self.problems))
+__all__ = [
+    "ConfigError",
+    "config_problems",
+    "document_multiple",
+    "empty_plan_problem",
+    "logging_problems",
+    "overlength_warnings",
+    "validate_config",
+]
 
 
 def validate_config(
@@ -70,8 +82,8 @@ def config_problems(
     return problems
 
 
-def _caught(validate: Callable[[], None], prefix: str = "") -> list[str]:
-    """The ValueError a group's own validate() raises, as a problem."""
+def _caught(validate: Callable[[], object], prefix: str = "") -> list[str]:
+    """The ValueError `validate` raises, as a problem."""
     try:
         validate()
     except ValueError as err:
@@ -84,7 +96,7 @@ def _caught(validate: Callable[[], None], prefix: str = "") -> list[str]:
 
 def _parallel_problems(config: LongAlignConfig, world_size: int) -> list[str]:
     parallel, model = config.parallel, config.model
-    problems = _caught(lambda: parallel.validate(world_size), "parallel config: ")
+    problems = [f"parallel config: {p}" for p in parallel_problems(parallel, world_size)]
     pp = parallel.pipeline_model_parallel_size
     if parallel.context_parallel_size > 1 and model.attention_backend == "flash":
         problems.append(
@@ -96,20 +108,14 @@ def _parallel_problems(config: LongAlignConfig, world_size: int) -> list[str]:
             f"model.num_layers ({model.num_layers}) must be divisible by "
             f"parallel.pipeline_model_parallel_size ({pp}): every stage holds as many layers"
         )
-    if parallel.sequence_parallel and model.attention_backend != "te":
-        problems.append(
-            "parallel.sequence_parallel=true needs model.attention_backend=te (megatron's "
-            f"local RMSNorm used with '{model.attention_backend}' does not support it); "
-            "set sequence_parallel=false"
-        )
+    problems += sequence_parallel_problems(model.attention_backend, parallel.sequence_parallel)
     return problems
 
 
 def _data_parallel_size(config: LongAlignConfig, world_size: int) -> int | None:
-    try:
-        return config.parallel.data_parallel_size_for(world_size)
-    except ValueError:
+    if parallel_problems(config.parallel, world_size):
         return None  # reported by _parallel_problems
+    return config.parallel.data_parallel_size_for(world_size)
 
 
 # ---- model -------------------------------------------------------------------------------
@@ -117,27 +123,13 @@ def _data_parallel_size(config: LongAlignConfig, world_size: int) -> int | None:
 
 def _model_problems(config: LongAlignConfig, world_size: int) -> list[str]:
     model = config.model
-    # The model's own checks at TP 1 (ModelConfig names fields without the group prefix);
-    # the TP divisibility is checked below with both groups' field names.
-    problems = _caught(lambda: model.validate(1), "model config (model.*): ")
-    if problems:
-        return problems
     tp = config.parallel.tensor_model_parallel_size
-    if isinstance(tp, int) and tp > 1:
-        for name, value in (
-            ("num_attention_heads", model.num_attention_heads),
-            ("num_query_groups (KV heads)", model.query_groups),
-            ("ffn_hidden_size", model.ffn_hidden_size),
-        ):
-            if value % tp:
-                problems.append(
-                    f"parallel.tensor_model_parallel_size ({tp}) must divide model.{name} "
-                    f"({value}): each TP rank holds an equal share; choose a TP size that "
-                    "divides it"
-                )
-    from megatron_longalign.model.backends import unavailable_reason
-
+    # An invalid TP size is reported by _parallel_problems.
+    valid_tp = isinstance(tp, int) and not isinstance(tp, bool) and tp >= 1
+    problems = model_problems(model, tp if valid_tp else 1, prefix="model.")
     backend = model.attention_backend
+    if backend not in ATTENTION_BACKENDS:
+        return problems
     reason = unavailable_reason(backend)
     if reason is not None:
         problems.append(f"model.attention_backend={backend}: {reason}")
@@ -184,7 +176,7 @@ def document_multiple(config: LongAlignConfig) -> int:
 def _data_problems(config: LongAlignConfig, world_size: int) -> list[str]:
     data = config.data
     dp = _data_parallel_size(config, world_size)
-    problems = _caught(lambda: data.validate(dp or 1))
+    problems = data_problems(data, dp or 1)
     needs, why = _pad_multiple_needed(config)
     pad = data.pad_to_multiple_of
     if pad >= 1 and pad % needs:
@@ -200,10 +192,7 @@ def _data_problems(config: LongAlignConfig, world_size: int) -> list[str]:
             "context_parallel_size): packs hold padded documents; set "
             f"data.seq_length={-(-data.seq_length // doc_multiple) * doc_multiple}"
         )
-    if config.train.loss_reduction not in LOSS_REDUCTIONS:
-        problems.append(
-            f"train.loss_reduction={config.train.loss_reduction!r}; choose one of {LOSS_REDUCTIONS}"
-        )
+    problems += loss_reduction_problems(config.train.loss_reduction)
     return problems
 
 
@@ -242,6 +231,8 @@ def _file_problems(config: LongAlignConfig, world_size: int) -> list[str]:
     tokenizers: dict[str, list[str]] = {}  # tokenizer sha256 -> P.json files
     lengths: dict[int, Any] = {}  # source index -> tokens per sample
     for i, source in enumerate(config.data.sources):
+        if not source.prefix:
+            continue  # reported by data_problems
         try:
             files = open_dataset_files(source.prefix)
         except DataFileError as err:
@@ -425,8 +416,13 @@ def _train_problems(config: LongAlignConfig, world_size: int) -> list[str]:
             f"train.save_interval must be >= 0 (0 = save at the end only), got "
             f"{train.save_interval}"
         )
-    if train.keep_last is not None and train.keep_last < 1:
-        problems.append(f"train.keep_last must be >= 1 or null (keep all), got {train.keep_last}")
+    from megatron_longalign.training.checkpoint import (
+        keep_last_problems,
+        optimizer_format_problems,
+    )
+
+    problems += keep_last_problems(train.keep_last)
+    problems += optimizer_format_problems(train.checkpoint_optimizer_format)
     problems += _resume_problems(train.resume)
     for name in train.preemption_signals:
         problems += _caught(lambda name=name: signal_number(name), "train.preemption_signals: ")
@@ -490,15 +486,18 @@ def _recompute_problems(config: LongAlignConfig) -> list[str]:
 
 
 def _logging_problems(config: LongAlignConfig, world_size: int) -> list[str]:
-    from megatron_longalign.training.logger import _RUN_ID
+    return logging_problems(config.logging)
 
-    logging, problems = config.logging, []
+
+def logging_problems(logging: LoggingConfig) -> list[str]:
+    """The `logging` group's problems (MetricsLogger takes it as validated)."""
+    problems = []
     if logging.log_interval < 1:
         problems.append(f"logging.log_interval must be >= 1, got {logging.log_interval}")
     if logging.wandb.mode not in WANDB_MODES:
         problems.append(f"logging.wandb.mode={logging.wandb.mode!r}; choose one of {WANDB_MODES}")
     run_id = logging.wandb.run_id
-    if run_id is not None and not _RUN_ID.match(run_id):
+    if run_id is not None and not RUN_ID_PATTERN.match(run_id):
         problems.append(
             f"logging.wandb.run_id={run_id!r}: use 1-128 letters, digits, '-', '_' or '.'"
         )
