@@ -169,10 +169,10 @@ def test_step_metric_keys_are_exactly_the_documented_names():
         "perf/tokens_per_sec",
         "perf/tflops_per_gpu",
         "perf/mfu",
+        "perf/step_time_s",
         "data/packing_efficiency",
         "data/rank_imbalance",
         "mem/peak_gb",
-        "perf/step_time_s",
         "loss_by_len/0-512",
         "loss_by_len/64k-128k",
     ]
