@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from megatron_longalign.config.training import LongAlignConfig
+from megatron_longalign.training.checkpoint import CheckpointManager, resolve_checkpoint
 
 
 def resolve_precision(precision: str) -> torch.dtype:
@@ -197,8 +198,6 @@ def build_inference_model(
     For GATEAU scoring, evaluation and validation. `dtype` defaults to
     `train.precision`'s (`resolve_precision`), `device` to this process's. Collective:
     every rank of the job calls it (after `initialize_distributed`)."""
-    from megatron_longalign.training.checkpoint import CheckpointManager, resolve_checkpoint
-
     path = resolve_checkpoint(checkpoint)
     device = default_device() if device is None else device
     dtype = resolve_precision(config.train.precision) if dtype is None else dtype

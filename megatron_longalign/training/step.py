@@ -178,20 +178,18 @@ class TrainStep:
         return _StepStats(loss, nll_sum, num_targets)
 
     def _update(self, batch: GlobalBatch, stats: _StepStats, start: float, step: int) -> StepResult:
-        """The optimizer half of megatron's ChainedOptimizer.step(), with the finiteness
-        check between computing the gradient norm and applying anything."""
+        """The update (`clip_and_step`: megatron's ChainedOptimizer.step() with the
+        finiteness check between computing the gradient norm and applying anything) and
+        the scheduler step; a bad step undoes the latter and zeroes the gradients."""
         optimizer, clip = self.optimizer, self.config.optim.clip_grad
         # lr for update number (applied + 1); undone below if the update does not happen.
         self.scheduler.step(1)
         lr = current_lr(optimizer)
-        found_inf = optimizer.prepare_grads()  # only fp16 loss scaling sets it
-        grad_norm = float(optimizer.get_grad_norm())
-        bad = found_inf or not math.isfinite(stats.loss) or not math.isfinite(grad_norm)
+        stepped, grad_norm = clip_and_step(optimizer, clip, math.isfinite(stats.loss))
+        bad = not stepped
         if bad:
             self.scheduler.step(-1)
             self.zero_grads()
-        else:
-            clip_and_step(optimizer, clip, grad_norm)
         metrics_lib.cuda_synchronize()  # the step's kernels are done before the clock stops
         step_time = time.perf_counter() - start
         planner, data_config = self.data.planner, self.config.data
@@ -217,13 +215,19 @@ class TrainStep:
         return result
 
 
-def clip_and_step(optimizer: Any, clip: float, grad_norm: float) -> None:
-    """The second half of megatron-core 0.16.1's `ChainedOptimizer.step()`, after
-    `prepare_grads()` and `get_grad_norm()`: clip every part's gradients by the total norm
-    (`clip` > 0), then `step_with_ready_grads()`. Uses megatron internals
-    (`is_stub_optimizer`, `use_precision_aware_optimizer_no_fp8_or_ds_fp8`)."""
+def clip_and_step(optimizer: Any, clip: float, loss_is_finite: bool) -> tuple[bool, float]:
+    """megatron-core 0.16.1's `ChainedOptimizer.step()` split open, so that nothing is
+    applied when the step is bad: `prepare_grads()`, `get_grad_norm()`, then, only if the
+    loss, the gradient norm and fp16's found_inf are all fine, clip every part's gradients
+    by the total norm (`clip` > 0) and `step_with_ready_grads()`. Returns (stepped,
+    gradient norm before clipping). Uses megatron internals (`is_stub_optimizer`,
+    `use_precision_aware_optimizer_no_fp8_or_ds_fp8`)."""
     from megatron.core.optimizer.clip_grads import clip_grad_by_total_norm_fp32
 
+    found_inf = optimizer.prepare_grads()  # only fp16 loss scaling sets it
+    grad_norm = float(optimizer.get_grad_norm())
+    if found_inf or not loss_is_finite or not math.isfinite(grad_norm):
+        return False, grad_norm
     if clip > 0:
         for inner in _dist_optimizer_parts(optimizer):
             params = inner.get_parameters()
@@ -236,6 +240,7 @@ def clip_and_step(optimizer: Any, clip: float, grad_norm: float) -> None:
                 )
     if not optimizer.step_with_ready_grads():
         raise RuntimeError("the optimizer reported an unsuccessful step")
+    return True, grad_norm
 
 
 def count_bad_steps(state: TrainingState, result: StepResult, limit: int, is_rank0: bool) -> None:
