@@ -14,15 +14,16 @@ Sections:
 4. `GPTModel._preprocess`'s output tuple (`preprocess_rotary_pos_emb`,
    `with_preprocess_rotary_pos_emb`): which element is the rotary embedding.
 5. Per-micro-batch cache on `PackedSeqParams` (`cache_on_packed_seq_params`).
-6. Optimizer step (the `ChainedOptimizer.step` split with `is_stub_optimizer` and
-   `use_precision_aware_optimizer_no_fp8_or_ds_fp8`): still in training/trainer.py
-   `_update`; it moves here (section 6 below) after the issue-11 merge.
+6. Optimizer step (`clip_and_step`): `ChainedOptimizer.step` split open around the
+   finiteness check, with `is_stub_optimizer` and
+   `use_precision_aware_optimizer_no_fp8_or_ds_fp8`.
 
 Layer 0: imports torch and megatron.core, nothing from megatron_longalign but utils.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -41,6 +42,7 @@ __all__ = [
     "OptimizerStateError",
     "SyncTorchDistSaveStrategy",
     "cache_on_packed_seq_params",
+    "clip_and_step",
     "is_dist_torch_adam",
     "llama3_scale_inv_freq",
     "load_optimizer_state_dict",
@@ -63,7 +65,7 @@ __all__ = [
 # - `DistributedOptimizer.load_state_dict` mishandles the per-parameter 'step'
 #   (`_load_dist_torch_adam`).
 # TE/apex FusedAdam (GPU) keeps the step in param_groups and goes through megatron as is.
-# Upgrade check: run tests/training_checkpoint (exact resume on CPU, both formats); if it
+# Upgrade check: run tests/training/test_checkpoint_*.py (exact resume on CPU, both formats); if it
 # passes with plain `optimizer.load_state_dict`, delete this section.
 
 
@@ -312,5 +314,36 @@ def cache_on_packed_seq_params(packed: PackedSeqParams, key: str, build: Callabl
 # The optimizer half of `ChainedOptimizer.step()` split around the finiteness check
 # (`prepare_grads`, `get_grad_norm`, the clip loop over `chained_optimizers` with
 # `is_stub_optimizer` and `config.use_precision_aware_optimizer_no_fp8_or_ds_fp8`,
-# `step_with_ready_grads`). It is still in training/trainer.py (`Trainer._update`) and
-# moves here after the issue-11 merge.
+# `step_with_ready_grads`), used by training/step.py. The trainer needs the gradient norm
+# before anything is applied, to skip a non-finite step without touching the weights;
+# `ChainedOptimizer.step()` clips and steps in one call.
+# Upgrade check: megatron-core 0.19 adds per-group gradient norms and a skip threshold to
+# `step()`: compare this function with `ChainedOptimizer.step` line by line.
+
+
+def clip_and_step(optimizer: Any, clip: float, loss_is_finite: bool) -> tuple[bool, float]:
+    """megatron-core 0.16.1's `ChainedOptimizer.step()` split open, so that nothing is
+    applied when the step is bad: `prepare_grads()`, `get_grad_norm()`, then, only if the
+    loss, the gradient norm and fp16's found_inf are all fine, clip every part's gradients
+    by the total norm (`clip` > 0) and `step_with_ready_grads()`. Returns (stepped,
+    gradient norm before clipping). Uses megatron internals (`is_stub_optimizer`,
+    `use_precision_aware_optimizer_no_fp8_or_ds_fp8`)."""
+    from megatron.core.optimizer.clip_grads import clip_grad_by_total_norm_fp32
+
+    found_inf = optimizer.prepare_grads()  # only fp16 loss scaling sets it
+    grad_norm = float(optimizer.get_grad_norm())
+    if found_inf or not loss_is_finite or not math.isfinite(grad_norm):
+        return False, grad_norm
+    if clip > 0:
+        for inner in optimizer_parts(optimizer):
+            params = inner.get_parameters()
+            if params and not getattr(inner, "is_stub_optimizer", False):
+                clip_grad_by_total_norm_fp32(
+                    params,
+                    clip,
+                    grad_norm,
+                    inner.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8,
+                )
+    if not optimizer.step_with_ready_grads():
+        raise RuntimeError("the optimizer reported an unsuccessful step")
+    return True, grad_norm

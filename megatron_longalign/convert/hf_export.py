@@ -75,28 +75,6 @@ def parse_size(text: str | int) -> int:
     return int(float(number) * base ** " KMG".index(unit.upper() or " "))
 
 
-def resolve_checkpoint(path: str | Path) -> Path:
-    """A complete checkpoint directory, or the one `latest` names in a root."""
-    from megatron_longalign.training.checkpoint import (
-        LATEST,
-        MARKER,
-        CheckpointError,
-        CheckpointManager,
-    )
-
-    path = Path(path)
-    try:
-        if (path / MARKER).is_file():
-            return path
-        if (path / LATEST).is_file():
-            return CheckpointManager(path).latest()
-    except CheckpointError as err:
-        raise ConversionError(str(err)) from err
-    raise ConversionError(
-        f"{path} is neither a checkpoint (no {MARKER}) nor a root with `{LATEST}`"
-    )
-
-
 def stored_tensor_meta(checkpoint: Path, key: str) -> tuple[torch.dtype, tuple[int, ...]]:
     """dtype and global shape of a tensor in a torch_dist checkpoint, from its metadata
     (no data read)."""
@@ -147,58 +125,25 @@ def export_checkpoint(
     """Write the HF directory `output` (must not exist) for `checkpoint` (a checkpoint
     directory or a root with `latest`). `model_config` defaults to the one an import
     recorded in the checkpoint. Runs in one process (world size 1, TP = PP = 1)."""
-    from megatron.core import parallel_state as ps
-
-    from megatron_longalign.training.checkpoint import CheckpointManager, read_marker
+    from megatron_longalign.training.checkpoint import read_marker
 
     started = time.monotonic()
-    if ps.get_tensor_model_parallel_world_size() * ps.get_pipeline_model_parallel_world_size() > 1:
-        raise ConversionError("export runs at TP=1, PP=1 (one process); the checkpoint reshards")
+    _check_single_process()
     output = Path(output).absolute()
     check_output_free(output)
     max_bytes = parse_size(max_shard_size)
-    path = resolve_checkpoint(checkpoint)
+    path = _resolve(checkpoint)
     extra = read_marker(path).get("extra", {})
     record = extra.get("hf_import") or {}
     if model_config is None:
-        # The trainer's own record (what it trained, e.g. with a raised context) first,
-        # then an import's.
-        recorded = extra.get("model_config") or record.get("model_config")
-        if not recorded:
-            raise ConversionError(
-                f"{path} records no model config (neither the trainer nor an import wrote "
-                "one): pass --model-config with the model YAML it was trained with"
-            )
-        model_config = model_config_from_dict(recorded)
+        model_config = _recorded_model_config(path, extra, record)
     model_type = model_type or record.get("model_type") or default_model_type(model_config)
-
-    stored_dtype, stored_shape = stored_tensor_meta(path, _EMBEDDING_KEY)
-    if stored_shape[0] < model_config.vocab_size or stored_shape[1] != model_config.hidden_size:
-        raise ConversionError(
-            f"{path}: {_EMBEDDING_KEY} is {list(stored_shape)}, but the model config has "
-            f"vocab_size {model_config.vocab_size}, hidden_size {model_config.hidden_size}"
-        )
-    out_dtype = stored_dtype if dtype == "auto" else DTYPES[dtype]
-    if out_dtype not in HF_DTYPE_NAMES:
-        raise ConversionError(f"stored dtype {stored_dtype}: pass --dtype bf16 or fp32")
+    stored_dtype, out_dtype = _dtypes(path, model_config, dtype)
     base = record.get("hf_config") if record.get("model_type") == model_type else None
     hf_config = hf_config_from(model_config, model_type, HF_DTYPE_NAMES[out_dtype], base)
 
     # Load in the stored dtype, so the parameters are exactly what was saved.
-    from torch.distributed.checkpoint.api import CheckpointException
-
-    model = build_stage_model(model_config, stored_dtype)
-    try:
-        CheckpointManager(path.parent).load(path, [model], None, None)
-    # megatron's shape/key errors; torch's CheckpointException is a BaseException and
-    # carries every rank's traceback: keep its last line.
-    except (Exception, CheckpointException) as err:
-        lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-        raise ConversionError(
-            f"cannot load {path} with this model config: {lines[-1] if lines else type(err).__name__}"
-        ) from err
-    params = dict(global_parameters(model))
-
+    params = dict(global_parameters(_load_model(path, model_config, stored_dtype)))
     shapes = hf_tensor_shapes(model_config)
     sources = export_sources(model_config, model_config.padded_vocab_size(1))
     _check_sources(sources, shapes, params)
@@ -208,19 +153,8 @@ def export_checkpoint(
 
     with atomic_directory(output, collective=False) as temp:
         temp.mkdir()
-        bar = _progress(len(shapes), progress)
-        for file, members in zip(names, shards, strict=True):
-            layout = [(n, shapes[n], out_dtype) for n in members]
-            writer = SafetensorsStreamWriter(temp / file, layout, {"format": "pt"})
-            try:
-                for name in members:
-                    writer.add(name, _assemble(name, shapes[name], out_dtype, sources, params))
-                    if bar is not None:
-                        bar.update(1)
-            finally:
-                writer.close()
-        if bar is not None:
-            bar.close()
+        tensors = _Tensors(shapes, out_dtype, sources, params)
+        _write_shards(temp, names, shards, tensors, progress)
         total = sum(tensor_nbytes(s, out_dtype) for s in shapes.values())
         if len(names) > 1:
             weight_map = {n: f for f, members in zip(names, shards, strict=True) for n in members}
@@ -238,6 +172,100 @@ def export_checkpoint(
         copied=copied,
         seconds=time.monotonic() - started,
     )
+
+
+def _check_single_process() -> None:
+    from megatron.core import parallel_state as ps
+
+    if ps.get_tensor_model_parallel_world_size() * ps.get_pipeline_model_parallel_world_size() > 1:
+        raise ConversionError("export runs at TP=1, PP=1 (one process); the checkpoint reshards")
+
+
+def _resolve(checkpoint: str | Path) -> Path:
+    """The checkpoint directory (`checkpoint.resolve_checkpoint`), as a ConversionError."""
+    from megatron_longalign.training.checkpoint import CheckpointError, resolve_checkpoint
+
+    try:
+        return resolve_checkpoint(checkpoint)
+    except CheckpointError as err:
+        raise ConversionError(str(err)) from err
+
+
+def _recorded_model_config(path: Path, extra: dict[str, Any], record: dict[str, Any]):
+    """The trainer's own record (what it trained, e.g. with a raised context) first,
+    then an import's."""
+    recorded = extra.get("model_config") or record.get("model_config")
+    if not recorded:
+        raise ConversionError(
+            f"{path} records no model config (neither the trainer nor an import wrote "
+            "one): pass --model-config with the model YAML it was trained with"
+        )
+    return model_config_from_dict(recorded)
+
+
+def _dtypes(path: Path, model_config: ModelConfig, dtype: str) -> tuple[torch.dtype, torch.dtype]:
+    """(stored dtype, output dtype); the stored embedding must fit the model config."""
+    stored_dtype, stored_shape = stored_tensor_meta(path, _EMBEDDING_KEY)
+    if stored_shape[0] < model_config.vocab_size or stored_shape[1] != model_config.hidden_size:
+        raise ConversionError(
+            f"{path}: {_EMBEDDING_KEY} is {list(stored_shape)}, but the model config has "
+            f"vocab_size {model_config.vocab_size}, hidden_size {model_config.hidden_size}"
+        )
+    out_dtype = stored_dtype if dtype == "auto" else DTYPES[dtype]
+    if out_dtype not in HF_DTYPE_NAMES:
+        raise ConversionError(f"stored dtype {stored_dtype}: pass --dtype bf16 or fp32")
+    return stored_dtype, out_dtype
+
+
+def _load_model(path: Path, model_config: ModelConfig, stored_dtype: torch.dtype):
+    """The checkpoint's weights in a TP=1, PP=1 model (megatron reshards on load)."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    from megatron_longalign.training.checkpoint import CheckpointManager
+
+    model = build_stage_model(model_config, stored_dtype)
+    try:
+        CheckpointManager(path.parent).load(path, [model], None, None)
+    # megatron's shape/key errors; torch's CheckpointException is a BaseException and
+    # carries every rank's traceback: keep its last line.
+    except (Exception, CheckpointException) as err:
+        lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+        raise ConversionError(
+            f"cannot load {path} with this model config: {lines[-1] if lines else type(err).__name__}"
+        ) from err
+    return model
+
+
+@dataclass
+class _Tensors:
+    """What every HF tensor is assembled from (`_assemble`)."""
+
+    shapes: dict[str, tuple[int, ...]]
+    dtype: torch.dtype
+    sources: dict[str, list]
+    params: dict[str, torch.Tensor]
+
+
+def _write_shards(
+    temp: Path, names: list[str], shards: list[list[str]], tensors: _Tensors, progress: bool
+) -> None:
+    """Every shard file, one HF tensor at a time."""
+    bar = _progress(len(tensors.shapes), progress)
+    for file, members in zip(names, shards, strict=True):
+        layout = [(n, tensors.shapes[n], tensors.dtype) for n in members]
+        writer = SafetensorsStreamWriter(temp / file, layout, {"format": "pt"})
+        try:
+            for name in members:
+                shape = tensors.shapes[name]
+                writer.add(
+                    name, _assemble(name, shape, tensors.dtype, tensors.sources, tensors.params)
+                )
+                if bar is not None:
+                    bar.update(1)
+        finally:
+            writer.close()
+    if bar is not None:
+        bar.close()
 
 
 def _assemble(

@@ -53,9 +53,9 @@ from megatron_longalign.convert.model_io import (
     error_of,
     global_parameters,
     is_rank0,
-    on_rank0,
     tp_rank_size,
 )
+from megatron_longalign.parallel.distributed import rank0_then_broadcast
 
 SOURCE_FILE = "hf_source.json"
 # Files copied on export when present next to the weights (tokenizer and generation).
@@ -269,7 +269,7 @@ def import_hf_checkpoint(
 
     started = time.monotonic()
     output = Path(output).absolute()
-    error = on_rank0(lambda: error_of(check_output_free, output))
+    error = rank0_then_broadcast(lambda: error_of(check_output_free, output))
     agree_on_error(error)
     with HFCheckpointReader(hf_dir) as reader:
         plan = plan_import(hf_dir, reader, dtype, name, make_vocab_size_divisible_by, ignore_extra)

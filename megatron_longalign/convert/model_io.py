@@ -18,6 +18,7 @@ import torch
 from megatron_longalign.config.model import ModelConfig
 from megatron_longalign.convert.errors import ConversionError
 from megatron_longalign.model.config import to_transformer_config
+from megatron_longalign.parallel.distributed import rank0_then_broadcast
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 HF_DTYPE_NAMES = {torch.bfloat16: "bfloat16", torch.float32: "float32"}
@@ -80,13 +81,6 @@ def is_rank0() -> bool:
     return torch.distributed.get_rank() == 0
 
 
-def on_rank0(compute: Callable[[], Any]) -> Any:
-    """Run `compute()` on rank 0 and give every rank its result."""
-    holder = [compute() if is_rank0() else None]
-    torch.distributed.broadcast_object_list(holder, src=0)
-    return holder[0]
-
-
 def agree_on_error(error: str | None) -> None:
     """Collective: raise ConversionError on every rank if any rank failed, so no rank
     goes on into a collective save that the failed one never joins."""
@@ -115,13 +109,13 @@ def atomic_directory(output: Path, collective: bool = True) -> Iterator[Path]:
     either complete or absent. With `collective`, rank 0 chooses the name and renames;
     every rank gets the same path."""
     make = lambda: str(output.parent / f".{output.name}.tmp-{uuid.uuid4().hex[:12]}")  # noqa: E731
-    temp = Path(on_rank0(make) if collective else make())
+    temp = Path(rank0_then_broadcast(make) if collective else make())
     try:
         yield temp
         if collective:
             torch.distributed.barrier()  # every rank's files are in `temp`
             # Every rank returns only after the rename, and learns if it failed.
-            agree_on_error(on_rank0(lambda: error_of(_publish, temp, output)))
+            agree_on_error(rank0_then_broadcast(lambda: error_of(_publish, temp, output)))
         else:
             _publish(temp, output)
     except BaseException:

@@ -14,13 +14,18 @@ schema, `ParallelConfig`, is in megatron_longalign/config/parallel.py.
 from __future__ import annotations
 
 import os
+import pickle
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 
 from megatron_longalign.config.errors import raise_if_problems
 from megatron_longalign.config.parallel import CP_COMM_TYPES, ParallelConfig
+
+T = TypeVar("T")
 
 
 def parallel_problems(parallel: ParallelConfig, world_size: int) -> list[str]:
@@ -229,3 +234,39 @@ def context_parallel_rank() -> int:
     from megatron.core import parallel_state
 
     return parallel_state.get_context_parallel_rank()
+
+
+def rank0_then_broadcast(fn: Callable[[], T]) -> T:
+    """Run `fn()` on global rank 0 only and give every rank its result (it must pickle).
+
+    If `fn` raises (an Exception), every rank raises: rank 0 its own exception, the
+    others a copy of the same type and message, so no rank goes on into a collective
+    that the others never join. An exception that does not survive pickling arrives as
+    a RuntimeError naming its type. Collective over the default process group."""
+    holder: list = [None]
+    error: Exception | None = None
+    if torch.distributed.get_rank() == 0:
+        try:
+            holder[0] = (True, fn())
+        except Exception as err:
+            error = err
+            holder[0] = (False, _portable_exception(err))
+    torch.distributed.broadcast_object_list(holder, src=0)
+    ok, value = holder[0]
+    if ok:
+        return value
+    if error is not None:
+        raise error
+    raise value
+
+
+def _portable_exception(err: Exception) -> Exception:
+    """`err` if a pickle round trip keeps its type and message, else a RuntimeError that
+    names them."""
+    try:
+        copy = pickle.loads(pickle.dumps(err))
+        if type(copy) is type(err) and str(copy) == str(err):
+            return err
+    except Exception:  # any failure to pickle or unpickle: send a plain copy
+        pass
+    return RuntimeError(f"{type(err).__name__} on rank 0: {err}")

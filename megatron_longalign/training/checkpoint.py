@@ -106,6 +106,7 @@ import torch
 from megatron_longalign import megatron_compat
 from megatron_longalign.config.training import OPTIMIZER_FORMATS, RESUME_AUTO, RESUME_FRESH
 from megatron_longalign.data.planner import PlanPosition
+from megatron_longalign.parallel.distributed import rank0_then_broadcast
 from megatron_longalign.training.checkpoint_io import load_sharded, save_sharded
 from megatron_longalign.utils.atomic_files import fsync_directory, write_text_durably
 
@@ -137,12 +138,31 @@ class CheckpointError(RuntimeError):
 
 @dataclass
 class TrainingState:
-    """What the trainer needs besides module state to continue exactly."""
+    """What a checkpoint must restore besides module state to continue the exact same
+    run: the Trainer's `state`, saved and loaded by CheckpointManager."""
 
-    step: int
-    consumed_samples: int
-    plan_position: PlanPosition  # data position (epoch, step) of the NEXT global batch
+    step: int = 0  # iterations done (skipped ones included)
+    consumed_samples: int = 0
+    # data position (epoch, step) of the NEXT global batch
+    plan_position: PlanPosition = field(default_factory=PlanPosition)
     extra: dict = field(default_factory=dict)  # small JSON-able things (run id, config hash)
+
+    # The trainer's bad-step counters live in `extra` (the saved JSON keeps its keys).
+    @property
+    def skipped_steps(self) -> int:
+        return int(self.extra.get("skipped_steps", 0))
+
+    @skipped_steps.setter
+    def skipped_steps(self, value: int) -> None:
+        self.extra["skipped_steps"] = int(value)
+
+    @property
+    def consecutive_bad_steps(self) -> int:
+        return int(self.extra.get("consecutive_bad_steps", 0))
+
+    @consecutive_bad_steps.setter
+    def consecutive_bad_steps(self, value: int) -> None:
+        self.extra["consecutive_bad_steps"] = int(value)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -217,7 +237,7 @@ class CheckpointManager:
         Collective: every rank calls it with the same `state`."""
         _check_state(state)
         final_dir = self.root / step_dir_name(state.step)
-        temp_name, refusal = _broadcast_from_rank0(lambda: self._plan_save(final_dir))
+        temp_name, refusal = rank0_then_broadcast(lambda: self._plan_save(final_dir))
         if refusal:
             raise CheckpointError(refusal)
         temp_dir = self.root / temp_name
@@ -241,7 +261,7 @@ class CheckpointManager:
             "has_optimizer": optimizer is not None,
             "has_scheduler": scheduler is not None,
         }
-        error = _broadcast_from_rank0(lambda: self._commit_on_rank0(temp_dir, final_dir, marker))
+        error = rank0_then_broadcast(lambda: self._commit_on_rank0(temp_dir, final_dir, marker))
         if error:
             raise CheckpointError(f"committing {final_dir} failed on rank 0: {error}")
         return final_dir
@@ -848,6 +868,23 @@ def resolve_resume(resume: str | None, checkpoint_dir: str | Path | None) -> Pat
     return path
 
 
+def resolve_checkpoint(path: str | Path, name: str | None = None) -> Path:
+    """The checkpoint at `path`: a complete checkpoint directory, or the one `latest`
+    names in a checkpoint root (validated). CheckpointError otherwise; `name` (e.g.
+    "train.init_from") is how the message refers to the path."""
+    path = Path(path)
+    if (path / MARKER).is_file():
+        return path
+    found = CheckpointManager(path).latest() if (path / LATEST).is_file() else None
+    if found is None:
+        shown = f"{name}={str(path)!r}" if name else str(path)
+        raise CheckpointError(
+            f"{shown} is neither a complete checkpoint (no {MARKER}) nor a checkpoint root "
+            f"with a `{LATEST}` file"
+        )
+    return found
+
+
 def find_resume_checkpoint(root: Path) -> Path | None:
     """`train.resume=auto` for the checkpoint root `root`: the checkpoint `latest` names,
     else the newest step_<N> directory; None when there is neither. The choice must be
@@ -955,10 +992,3 @@ def remove_stale_temps(root: Path) -> list[Path]:
             path.unlink(missing_ok=True)
         removed.append(path)
     return removed
-
-
-def _broadcast_from_rank0(compute):
-    """Run `compute()` on rank 0 only and give its result to every rank."""
-    holder = [compute() if torch.distributed.get_rank() == 0 else None]
-    torch.distributed.broadcast_object_list(holder, src=0)
-    return holder[0]

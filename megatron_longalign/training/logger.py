@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from megatron_longalign.config.training import LoggingConfig
+from megatron_longalign.training import metrics as metrics_lib
 from megatron_longalign.training.metrics import peak_memory_source
 
 STEP_KEY = "train/step"
@@ -52,32 +53,18 @@ def resolve_rank(rank: int | None = None) -> int:
 
 def _format_value(key: str, value: float, memory_label: str) -> str:
     formats = {
-        "train/loss": lambda v: f"loss {v:.4f}",
-        "train/lr": lambda v: f"lr {v:.3e}",
-        "train/grad_norm": lambda v: f"grad {v:.3f}",
-        "perf/tokens_per_sec": lambda v: f"{v:,.0f} tok/s",
-        "perf/tflops_per_gpu": lambda v: f"{v:.1f} TFLOP/s/GPU",
-        "perf/mfu": lambda v: f"MFU {100 * v:.1f}%",
-        "perf/step_time_s": lambda v: f"{v:.3f} s/step",
-        "data/packing_efficiency": lambda v: f"fill {100 * v:.1f}%",
-        "data/rank_imbalance": lambda v: f"imb {v:.3f}",
-        "mem/peak_gb": lambda v: f"mem {v:.2f} GiB{memory_label}",
+        metrics_lib.LOSS: lambda v: f"loss {v:.4f}",
+        metrics_lib.LR: lambda v: f"lr {v:.3e}",
+        metrics_lib.GRAD_NORM: lambda v: f"grad {v:.3f}",
+        metrics_lib.TOKENS_PER_SEC: lambda v: f"{v:,.0f} tok/s",
+        metrics_lib.TFLOPS_PER_GPU: lambda v: f"{v:.1f} TFLOP/s/GPU",
+        metrics_lib.MFU: lambda v: f"MFU {100 * v:.1f}%",
+        metrics_lib.STEP_TIME: lambda v: f"{v:.3f} s/step",
+        metrics_lib.PACKING_EFFICIENCY: lambda v: f"fill {100 * v:.1f}%",
+        metrics_lib.RANK_IMBALANCE: lambda v: f"imb {v:.3f}",
+        metrics_lib.PEAK_MEMORY: lambda v: f"mem {v:.2f} GiB{memory_label}",
     }
     return formats[key](value)
-
-
-_CONSOLE_ORDER = (
-    "train/loss",
-    "train/lr",
-    "train/grad_norm",
-    "perf/tokens_per_sec",
-    "perf/tflops_per_gpu",
-    "perf/mfu",
-    "perf/step_time_s",
-    "data/packing_efficiency",
-    "data/rank_imbalance",
-    "mem/peak_gb",
-)
 
 
 def format_console_line(step: int, metrics: Mapping[str, float], memory_label: str = "") -> str:
@@ -85,10 +72,10 @@ def format_console_line(step: int, metrics: Mapping[str, float], memory_label: s
     reads "MFU n/a" so an unknown peak is visible rather than silently missing.
     loss_by_len/* go to wandb only, to keep the line short."""
     parts = [f"step {step}"]
-    for key in _CONSOLE_ORDER:
+    for key in metrics_lib.METRIC_KEYS:
         if key in metrics:
             parts.append(_format_value(key, float(metrics[key]), memory_label))
-        elif key == "perf/mfu" and "perf/tflops_per_gpu" in metrics:
+        elif key == metrics_lib.MFU and metrics_lib.TFLOPS_PER_GPU in metrics:
             parts.append("MFU n/a")
     return " | ".join(parts)
 

@@ -22,7 +22,6 @@ from torch import Tensor
 LOSS = "loss"  # sum_t w_t * nll_t: the training objective's share of this micro-batch
 NLL_SUM = "nll_sum"  # sum of nll over target tokens (w_t > 0), unweighted
 NUM_TARGETS = "num_targets"  # target tokens (w_t > 0)
-TOKEN_MEAN_LOSS = "token_mean_loss"  # nll_sum / num_targets (0 without targets)
 
 
 def loss_func(loss_weights: Tensor, token_nll: Tensor) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
@@ -42,13 +41,11 @@ def loss_func(loss_weights: Tensor, token_nll: Tensor) -> tuple[Tensor, Tensor, 
     # where(), not nll * targets: an inf on a non-target position must not become NaN
     # here (the weighted loss above still carries it, which is what the trainer checks).
     nll_sum = torch.where(targets, nll, torch.zeros_like(nll)).sum().detach()
-    count = num_targets.to(torch.float32)
     report = {
         # clone(): the schedule divides the returned loss in place in its other modes,
         # and a detach()ed view would share that storage.
         LOSS: loss.detach().clone(),
         NLL_SUM: nll_sum,
-        NUM_TARGETS: count,
-        TOKEN_MEAN_LOSS: nll_sum / count.clamp(min=1.0),
+        NUM_TARGETS: num_targets.to(torch.float32),
     }
     return loss, num_targets, report

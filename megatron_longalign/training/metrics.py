@@ -33,20 +33,39 @@ if TYPE_CHECKING:
     from megatron_longalign.data.microbatch import MicroBatch
     from megatron_longalign.data.planner import GlobalBatch
 
-# The per-step metric names, in logging order (DESIGN.md "Conventions"). `perf/mfu` is
-# left out of a step's dict when the accelerator's peak is unknown; `loss_by_len/<bucket>`
-# keys follow for the buckets that saw a document.
+# The metric names (docs/PERFORMANCE.md "Reported metrics", docs/TRAINING.md "Metrics"):
+# this module owns them; the trainer and the console line (training/logger.py) use these.
+LOSS = "train/loss"
+LR = "train/lr"
+GRAD_NORM = "train/grad_norm"
+TOKENS_PER_SEC = "perf/tokens_per_sec"
+TFLOPS_PER_GPU = "perf/tflops_per_gpu"
+MFU = "perf/mfu"
+STEP_TIME = "perf/step_time_s"
+PACKING_EFFICIENCY = "data/packing_efficiency"
+RANK_IMBALANCE = "data/rank_imbalance"
+PEAK_MEMORY = "mem/peak_gb"
+# The trainer's additions to a logged step, and StepResult.metrics()'s.
+TOKEN_MEAN_LOSS = "train/token_mean_loss"
+EPOCH = "train/epoch"
+CONSUMED_SAMPLES = "train/consumed_samples"
+SKIPPED_STEPS = "train/skipped_steps"
+SKIPPED = "train/skipped"
+
+# The per-step metric dict's keys, in order: also the console line's order. `perf/mfu`
+# is left out of a step's dict when the accelerator's peak is unknown;
+# `loss_by_len/<bucket>` keys follow for the buckets that saw a document.
 METRIC_KEYS = (
-    "train/loss",
-    "train/lr",
-    "train/grad_norm",
-    "perf/tokens_per_sec",
-    "perf/tflops_per_gpu",
-    "perf/mfu",
-    "data/packing_efficiency",
-    "data/rank_imbalance",
-    "mem/peak_gb",
-    "perf/step_time_s",
+    LOSS,
+    LR,
+    GRAD_NORM,
+    TOKENS_PER_SEC,
+    TFLOPS_PER_GPU,
+    MFU,
+    STEP_TIME,
+    PACKING_EFFICIENCY,
+    RANK_IMBALANCE,
+    PEAK_MEMORY,
 )
 LOSS_BY_LEN_PREFIX = "loss_by_len/"
 
@@ -460,6 +479,14 @@ class LossByLength:
         dist.all_reduce(both, group=group)
         self._sums, self._counts = both[0].clone(), both[1].clone()
 
+    def merge(self, other: LossByLength) -> None:
+        """Add the documents of `other` (same buckets), e.g. one step's into a window."""
+        if other.labels != self.labels:
+            raise ValueError(f"buckets differ: {other.labels} vs {self.labels}")
+        self._move_to(other._sums.device)
+        self._sums += other._sums
+        self._counts += other._counts
+
     def means(self) -> dict[str, float]:
         """`loss_by_len/<bucket>` -> mean document loss, for buckets with a document."""
         sums, counts = self._sums.cpu().numpy(), self._counts.cpu().numpy()
@@ -486,20 +513,19 @@ def step_metrics(
 ) -> dict[str, float]:
     """The stable metric dict of one logged step: METRIC_KEYS in order (`perf/mfu` only
     when the peak is known), then `loss_by_len/*`. Tensors are read with float()."""
-    metrics = {
-        "train/loss": float(loss),
-        "train/lr": float(lr),
-        "train/grad_norm": float(grad_norm),
-        "perf/tokens_per_sec": throughput.tokens_per_sec,
-        "perf/tflops_per_gpu": throughput.tflops_per_gpu,
-        "perf/mfu": throughput.mfu,
-        "data/packing_efficiency": float(packing_efficiency),
-        "data/rank_imbalance": float(rank_imbalance),
-        "mem/peak_gb": float(peak_memory_gb),
-        "perf/step_time_s": throughput.step_time_s,
+    values = {
+        LOSS: float(loss),
+        LR: float(lr),
+        GRAD_NORM: float(grad_norm),
+        TOKENS_PER_SEC: throughput.tokens_per_sec,
+        TFLOPS_PER_GPU: throughput.tflops_per_gpu,
+        MFU: throughput.mfu,
+        STEP_TIME: throughput.step_time_s,
+        PACKING_EFFICIENCY: float(packing_efficiency),
+        RANK_IMBALANCE: float(rank_imbalance),
+        PEAK_MEMORY: float(peak_memory_gb),
     }
-    if metrics["perf/mfu"] is None:
-        del metrics["perf/mfu"]
+    metrics = {key: values[key] for key in METRIC_KEYS if values[key] is not None}
     for key, value in (loss_by_len or {}).items():
         if not key.startswith(LOSS_BY_LEN_PREFIX):
             raise ValueError(f"loss_by_len key {key!r} must start with {LOSS_BY_LEN_PREFIX!r}")

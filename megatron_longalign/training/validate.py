@@ -37,14 +37,13 @@ from megatron_longalign.config.training import (
 from megatron_longalign.data.planner import data_problems, loss_reduction_problems
 from megatron_longalign.model.backends import sequence_parallel_problems, unavailable_reason
 from megatron_longalign.model.config import model_problems
-from megatron_longalign.parallel import context_parallel
+from megatron_longalign.parallel.context_parallel import document_multiple
 from megatron_longalign.parallel.distributed import parallel_problems
 from megatron_longalign.utils.signals import signal_number
 
 __all__ = [
     "ConfigError",
     "config_problems",
-    "document_multiple",
     "empty_plan_problem",
     "logging_problems",
     "overlength_warnings",
@@ -165,14 +164,6 @@ def _pad_multiple_needed(config: LongAlignConfig) -> tuple[int, list[str]]:
     return needs, why
 
 
-def document_multiple(config: LongAlignConfig) -> int:
-    """What every document is padded to a multiple of: data.pad_documents_to_multiple_of,
-    and 2 x CP for context parallelism (each document is cut into 2 x CP chunks)."""
-    return context_parallel.document_multiple(
-        config.data.pad_documents_to_multiple_of, config.parallel.context_parallel_size
-    )
-
-
 def _data_problems(config: LongAlignConfig, world_size: int) -> list[str]:
     data = config.data
     dp = _data_parallel_size(config, world_size)
@@ -184,7 +175,11 @@ def _data_problems(config: LongAlignConfig, world_size: int) -> list[str]:
             f"data.pad_to_multiple_of={pad} must be a multiple of {needs} ({' and '.join(why)}); "
             f"set data.pad_to_multiple_of={math.lcm(pad, needs)}"
         )
-    doc_multiple = document_multiple(config) if data.pad_documents_to_multiple_of >= 1 else 1
+    doc_multiple = (
+        document_multiple(data.pad_documents_to_multiple_of, config.parallel.context_parallel_size)
+        if data.pad_documents_to_multiple_of >= 1
+        else 1
+    )
     if data.seq_length >= 1 and data.seq_length % doc_multiple:
         problems.append(
             f"data.seq_length={data.seq_length} must be a multiple of the document padding "

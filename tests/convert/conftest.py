@@ -191,9 +191,8 @@ def megatron_logits(model, inputs: dict) -> dict[str, torch.Tensor]:
 def load_checkpoint(root: Path, config, dtype=torch.float32):
     """The checkpoint under `root` (or the one `latest` names) loaded into a fresh
     model of the current layout."""
-    from megatron_longalign.convert.hf_export import resolve_checkpoint
     from megatron_longalign.convert.model_io import build_stage_model
-    from megatron_longalign.training.checkpoint import CheckpointManager
+    from megatron_longalign.training.checkpoint import CheckpointManager, resolve_checkpoint
 
     path = resolve_checkpoint(root)
     model = build_stage_model(config, dtype)

@@ -65,3 +65,22 @@ def test_initialize_single_process_on_cpu(tmp_path):
     assert result["reseeded_same_stream"]
     assert "already initialized with (tp, pp, cp) = (1, 1, 1)" in result["layout_change_error"]
     assert result["destroyed"] and result["reinitialized"]
+
+
+def test_rank0_then_broadcast_gives_every_rank_the_result_or_the_error(tmp_path):
+    from tests.parallel.launch import run_and_read
+
+    results = run_and_read("rank0_broadcast.py", 2, tmp_path)
+    for rank, result in enumerate(results):
+        assert result["value"] == {"value": {"from": 0, "path": "a/b"}}
+        assert result["calls"] == ([0] if rank == 0 else [])  # run on rank 0 only
+        assert result["error"] == {
+            "error": "FileExistsError",
+            "message": "step_00000002 exists (raised on rank 0)",
+        }
+        assert result["after"] == 2.0
+    assert results[0]["unpicklable"] == {"error": "Unpicklable", "message": "cannot travel"}
+    assert results[1]["unpicklable"] == {
+        "error": "RuntimeError",
+        "message": "Unpicklable on rank 0: cannot travel",
+    }

@@ -133,7 +133,7 @@ def test_save_schedule_position_and_resume_in_process(sample_prefixes, tmp_path)
     assert sorted(p.name for p in ckpt.glob("step_*")) == ["step_00000002", "step_00000004"]
     marker = read_marker(ckpt / "step_00000004")
     assert marker["consumed_samples"] == trainer.state.consumed_samples > 0
-    assert PlanPosition(**marker["plan_position"]) == trainer.state.position
+    assert PlanPosition(**marker["plan_position"]) == trainer.state.plan_position
     assert marker["extra"]["wandb_run_id"] == "abc-123"
 
     # A longer run resumes from step 4: position, samples and the wandb run id come back.
@@ -144,7 +144,7 @@ def test_save_schedule_position_and_resume_in_process(sample_prefixes, tmp_path)
     resumed = Trainer(config)
     assert resumed.resumed_from == ckpt / "step_00000004"
     assert resumed.state.step == 4
-    assert resumed.state.position == trainer.state.position
+    assert resumed.state.plan_position == trainer.state.plan_position
     assert resumed.state.consumed_samples == trainer.state.consumed_samples
     assert resumed.wandb_run_id == "abc-123"
     assert resumed.scheduler.num_steps == trainer.scheduler.num_steps

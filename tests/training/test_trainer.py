@@ -10,11 +10,9 @@ import pytest
 import torch
 
 from megatron_longalign.data.planner import PlanPosition
-from megatron_longalign.training.trainer import (
-    NonFiniteTrainingError,
-    Trainer,
-    build_transformer_config,
-)
+from megatron_longalign.training.builders import build_transformer_config
+from megatron_longalign.training.step import NonFiniteTrainingError
+from megatron_longalign.training.trainer import Trainer
 from tests.training.workers.common import tiny_training_config
 
 pytestmark = pytest.mark.usefixtures("distributed_teardown")
@@ -164,7 +162,7 @@ def test_epochs_mode_runs_one_epoch(sample_prefixes):
     assert trainer.total_steps == steps
     history = trainer.train()
     assert len(history) == steps
-    assert trainer.state.position == PlanPosition(0, steps)
+    assert trainer.state.plan_position == PlanPosition(0, steps)
     usable = int((trainer.data.mixture.lengths <= config.data.seq_length).sum())
     assert trainer.state.consumed_samples == usable  # every usable sample exactly once
 

@@ -8,7 +8,15 @@ import socket
 
 import pytest
 
-from megatron_longalign.training.metrics import LOSS_BY_LEN_PREFIX, METRIC_KEYS
+from megatron_longalign.training.metrics import (
+    GRAD_NORM,
+    LOSS,
+    LOSS_BY_LEN_PREFIX,
+    LR,
+    METRIC_KEYS,
+    SKIPPED_STEPS,
+    TOKEN_MEAN_LOSS,
+)
 from megatron_longalign.training.trainer import Trainer
 from tests.training.workers.common import Recorder, tiny_training_config
 
@@ -42,6 +50,37 @@ def test_metrics_are_logged_every_interval_with_the_stable_keys(sample_prefixes)
     assert recorder.logged[1][1]["perf/tokens_per_sec"] == pytest.approx(tokens / seconds)
     flops = sum(r.flops for r in window)
     assert recorder.logged[1][1]["perf/tflops_per_gpu"] == pytest.approx(flops / seconds / 1e12)
+
+
+def test_a_skipped_logging_step_still_logs_its_window(sample_prefixes):
+    """Step 2 (a logging step) is skipped: its window is logged anyway, with the good
+    step's loss by length and the throughput of both steps, without the non-finite loss
+    and gradient norm; the next window starts after it."""
+    config = tiny_training_config(sample_prefixes, max_steps=4)
+    config.logging.log_interval = 2
+    recorder = Recorder()
+    trainer = Trainer(config, metrics_logger=recorder)
+
+    def poison(module, inputs, output):  # non-finite loss and gradients in step 2
+        return output * math.inf if trainer.state.step == 1 else output
+
+    trainer.unwrapped_model[0].decoder.final_layernorm.register_forward_hook(poison)
+    history = trainer.train()
+    assert [r.skipped for r in history] == [False, True, False, False]
+    assert [step for step, _ in recorder.logged] == [2, 4]
+    metrics = recorder.logged[0][1]
+    assert LOSS not in metrics and GRAD_NORM not in metrics and TOKEN_MEAN_LOSS not in metrics
+    assert metrics[LR] == history[1].lr and metrics[SKIPPED_STEPS] == 1.0
+    buckets = {k: v for k, v in metrics.items() if k.startswith(LOSS_BY_LEN_PREFIX)}
+    assert buckets and all(math.isfinite(v) and v > 0 for v in buckets.values())
+    tokens = sum(r.real_tokens for r in history[:2])
+    seconds = sum(r.step_time for r in history[:2])
+    assert metrics["perf/tokens_per_sec"] == pytest.approx(tokens / seconds)
+    last = recorder.logged[1][1]
+    assert last[LOSS] == history[3].loss and math.isfinite(last[GRAD_NORM])
+    tokens = sum(r.real_tokens for r in history[2:])
+    seconds = sum(r.step_time for r in history[2:])
+    assert last["perf/tokens_per_sec"] == pytest.approx(tokens / seconds)
 
 
 def test_console_line_with_wandb_disabled(sample_prefixes, caplog):

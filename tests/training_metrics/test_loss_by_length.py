@@ -77,6 +77,21 @@ def test_means_per_bucket_on_a_hand_made_micro_batch():
     assert meter.means() == {}
 
 
+def test_merge_adds_the_documents_of_another_meter():
+    window, step = LossByLength(), LossByLength()
+    window.add(*micro_batch(document(300, [2.0]), document(600, [3.0])))
+    step.add(*micro_batch(document(200, [6.0]), document(70_000, [1.0])))
+    window.merge(step)
+    assert window.means() == {
+        "loss_by_len/0-512": 4.0,
+        "loss_by_len/512-1k": 3.0,
+        "loss_by_len/64k-128k": 1.0,
+    }
+    assert step.means() == {"loss_by_len/0-512": 6.0, "loss_by_len/64k-128k": 1.0}
+    with pytest.raises(ValueError, match="buckets differ"):
+        window.merge(LossByLength(edges=[0, 100]))
+
+
 def test_real_lengths_override_naively_padded_spans():
     # Naive batching: a 400-token sample padded to 600 belongs in 0-512.
     losses, weights, cu = micro_batch(document(600, [1.0]), document(600, [3.0]))
@@ -169,10 +184,10 @@ def test_step_metric_keys_are_exactly_the_documented_names():
         "perf/tokens_per_sec",
         "perf/tflops_per_gpu",
         "perf/mfu",
+        "perf/step_time_s",
         "data/packing_efficiency",
         "data/rank_imbalance",
         "mem/peak_gb",
-        "perf/step_time_s",
         "loss_by_len/0-512",
         "loss_by_len/64k-128k",
     ]
