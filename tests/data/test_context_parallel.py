@@ -16,7 +16,7 @@ from megatron_longalign.data.microbatch import MicroBatchBuilder
 from megatron_longalign.data.planner import MicroBatchPlan
 from megatron_longalign.data.positions import SkipAlignConfig
 from tests.data.test_microbatch import fake_samples
-from tests.fake_group import FakeGroup
+from tests.helpers.fake_group import FakeGroup
 
 
 def _build(samples, cp, align=None, skip=False, naive=False):

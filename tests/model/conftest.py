@@ -1,5 +1,5 @@
 """Model tests: megatron-core on CPU in this one process (gloo, world size 1), set up once
-(tests/megatron_session.py)."""
+(tests/helpers/megatron_session.py)."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from megatron_longalign.model.config import ModelConfig
-from tests.megatron_session import megatron_on_cpu
-from tests.tiny_model import tiny_model_config
+from tests.helpers.megatron_session import megatron_on_cpu
+from tests.helpers.tiny_model import tiny_model_config
 
 SEED = 1234
 

@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from megatron_longalign.parallel.distributed import ParallelConfig
-from tests.parallel.launch import REPO, WORKERS, worker_env
+from tests.helpers.launch import REPO, WORKERS, worker_env
 
 
 def test_valid_layouts_give_data_parallel_size():

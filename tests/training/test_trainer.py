@@ -15,7 +15,7 @@ from megatron_longalign.training.trainer import (
     Trainer,
     build_transformer_config,
 )
-from tests.training.workers.common import tiny_training_config
+from tests.helpers.tiny_training import tiny_training_config
 
 pytestmark = pytest.mark.usefixtures("distributed_teardown")
 

@@ -10,7 +10,7 @@ import pytest
 
 from megatron_longalign.training.metrics import LOSS_BY_LEN_PREFIX, METRIC_KEYS
 from megatron_longalign.training.trainer import Trainer
-from tests.training.workers.common import Recorder, tiny_training_config
+from tests.helpers.tiny_training import Recorder, tiny_training_config
 
 pytestmark = pytest.mark.usefixtures("distributed_teardown")
 

@@ -25,12 +25,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tiny_gpt import (
-    full_tensors,
-    set_deterministic_weights,
-    wrap_ddp,
-    write_rank_result,
-)
 
 from megatron_longalign.data.context_parallel import shard_for_context_parallel
 from megatron_longalign.data.indexed import SFTSample
@@ -41,7 +35,13 @@ from megatron_longalign.data.weights import per_token_weights
 from megatron_longalign.model.config import ModelConfig
 from megatron_longalign.parallel.distributed import ParallelConfig, initialize_distributed
 from megatron_longalign.training.loss import NLL_SUM, NUM_TARGETS, loss_func
-from tests.tiny_model import tiny_model_config
+from tests.helpers.tiny_gpt import (
+    full_tensors,
+    set_deterministic_weights,
+    wrap_ddp,
+    write_rank_result,
+)
+from tests.helpers.tiny_model import tiny_model_config
 
 TEMPLATE, USER, ASSISTANT, CONTEXT = 0, 2, 3, 4
 # (region kind, length) per sample; lengths chosen odd, and one sample (2 tokens) shorter

@@ -11,7 +11,8 @@ writes the same gradient from plain autograd, as the reference for that claim.
 from __future__ import annotations
 
 import torch
-from tiny_gpt import (
+
+from tests.helpers.tiny_gpt import (
     SEQ,
     build_model,
     full_tensors,

@@ -27,7 +27,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from tiny_gpt import (
+
+from megatron_longalign.model.gpt import build_gpt_model, packed_seq_params_from
+from tests.helpers.tiny_gpt import (
     full_tensors,
     parse_args,
     set_deterministic_weights,
@@ -35,9 +37,7 @@ from tiny_gpt import (
     wrap_ddp,
     write_rank_result,
 )
-
-from megatron_longalign.model.gpt import build_gpt_model, packed_seq_params_from
-from tests.tiny_model import tiny_model_config
+from tests.helpers.tiny_model import tiny_model_config
 
 WEIGHT_SEED = 11
 DATA_SEED = 5

@@ -16,7 +16,8 @@ optimizer, the global batch (4 sequences) split over the data-parallel ranks.
 from __future__ import annotations
 
 import torch
-from tiny_gpt import (
+
+from tests.helpers.tiny_gpt import (
     SEQ,
     build_model,
     full_tensors,

@@ -1,7 +1,7 @@
 """Shared helpers for the torchrun workers: a tiny megatron-core GPTModel whose weights
 do not depend on the parallel layout, a fixed batch, and TP gather/scatter by full shape.
 
-Worker scripts import this as `tiny_gpt` (their own directory is on sys.path).
+Worker scripts import this as `tests.helpers.tiny_gpt`.
 
 Layout independence: every parameter is drawn from a generator seeded by its global
 name (layer numbers counted over all pipeline stages) at its full, unsharded shape;

@@ -1,22 +1,17 @@
-"""Helpers for the checkpoint workers: the tiny GPT of tests/parallel/workers trained
+"""Helpers for the checkpoint workers: the tiny GPT of tests/helpers/tiny_gpt.py trained
 with megatron DDP, the distributed optimizer (Adam) and megatron's LR scheduler.
 
-Worker scripts import this as `ckpt_helpers` (their own directory is on sys.path); it
-puts tests/parallel/workers on sys.path for `tiny_gpt`.
+Worker scripts import this as `tests.helpers.checkpoint_training`.
 """
 
 from __future__ import annotations
 
 import random
-import sys
-from pathlib import Path
 
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "parallel" / "workers"))
-
-from tiny_gpt import (  # noqa: E402
+from tests.helpers.tiny_gpt import (
     SEQ,
     build_model,
     full_tensors,
