@@ -11,17 +11,16 @@ import random
 import numpy as np
 import torch
 
+from megatron_longalign.training.loss import loss_func
 from tests.helpers.tiny_gpt import (
     SEQ,
-    build_model,
+    build_ddp_model,
     full_tensors,
     make_batches,
     run_model,
     sequence_mean_weights,
     setup,
     tiny_config,
-    weighted_sum_loss_func,
-    wrap_ddp,
     write_rank_result,
 )
 
@@ -46,9 +45,7 @@ def build_training(weight_seed: int = 7, lr: float = 1e-2):
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
     config = tiny_config(calculate_per_token_loss=True)
-    model = wrap_ddp(
-        build_model(config, weight_seed), config, use_distributed_optimizer=True, sum_gradients=True
-    )
+    model = build_ddp_model(config, weight_seed, use_distributed_optimizer=True)
     optimizer = get_megatron_optimizer(
         OptimizerConfig(
             optimizer="adam",
@@ -93,7 +90,7 @@ def _forward_step(data_iterator, model):
     batch = next(data_iterator)
     output = run_model(model, batch)
     weights = sequence_mean_weights(batch["loss_mask"], GLOBAL_BATCH)  # mean of sequence means
-    return output, lambda token_losses: weighted_sum_loss_func(weights, token_losses)
+    return output, lambda token_losses: loss_func(weights, token_losses)
 
 
 def train_step(model: list, optimizer, scheduler, step: int) -> float:
