@@ -36,7 +36,6 @@ warnings.filterwarnings("ignore")
 
 VOCAB = 512
 SEQ = 32
-HIDDEN = 64
 
 
 def parse_args(extra: dict[str, type] | None = None) -> argparse.Namespace:

@@ -4,9 +4,9 @@ summed token losses for every parameter (TP rank 0 of each stage).
 
 Loss path (the package's own code): calculate_per_token_loss=True, the trainer's 3-tuple
 `loss_func` with weight 1 on every token (the summed token losses), and the trainer's DDP
-wrapping (SUM reduction, `finalize_grads_as_sum`), so main_grad is
-exactly d(sum of all token losses over both micro-batches). At TP = PP = 1 it also
-writes the same gradient from plain autograd, as the reference for that claim.
+wrapping (SUM reduction, `finalize_grads_as_sum`), so main_grad is exactly d(sum of all
+token losses over both micro-batches). At TP = PP = 1 it also writes the same gradient
+from plain autograd, as the reference for that claim.
 """
 
 from __future__ import annotations
