@@ -25,7 +25,7 @@ from megatron_longalign.data.microbatch import MicroBatchBuilder
 from megatron_longalign.data.mixture import DatasetMixture
 from megatron_longalign.data.planner import GlobalBatchPlanner
 from megatron_longalign.data.preprocess import EncodeSpec, PreprocessConfig, preprocess
-from megatron_longalign.data.synthetic import (
+from megatron_longalign.devdata.synthetic import (
     generate_long_samples,
     generate_short_chats,
     write_jsonl,

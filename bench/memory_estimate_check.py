@@ -125,7 +125,7 @@ def _write_dataset(prefix: str, case: Case, rows: int) -> None:
     eighth of each is the assistant answer (the loss path is the real one)."""
     import numpy as np
 
-    from megatron_longalign.data.random_dataset import write_random_dataset
+    from megatron_longalign.devdata.random_dataset import write_random_dataset
 
     lengths = np.full(rows * (case.seq // case.doc), case.doc)
     write_random_dataset(prefix, lengths, case.vocab, seed=0, origin="memory_estimate_check")

@@ -33,15 +33,15 @@ from megatron_longalign.data.conversation import parse_conversation
 from megatron_longalign.data.encoding import SampleEncoder
 from megatron_longalign.data.indexed import indexed_dataset_module
 from megatron_longalign.data.preprocess import EncodeSpec, PreprocessConfig, preprocess
-from megatron_longalign.data.synthetic import (
+from megatron_longalign.data.templates import get_template
+from megatron_longalign.data.tokenizer import load_tokenizer
+from megatron_longalign.devdata.synthetic import (
     generate_long_samples,
     generate_short_chats,
     tokenizer_training_text,
     write_jsonl,
 )
-from megatron_longalign.data.templates import get_template
-from megatron_longalign.data.tokenizer import load_tokenizer
-from megatron_longalign.data.tokenizer_training import train_hf_bpe
+from megatron_longalign.devdata.tokenizer_training import train_hf_bpe
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -153,7 +153,7 @@ def longalign_lengths(n: int, capacity: int, min_length: int, seed: int) -> np.n
 
 
 def write_random_dataset(prefix: str, lengths: np.ndarray, vocab_size: int, seed: int) -> None:
-    from megatron_longalign.data.random_dataset import write_random_dataset as write
+    from megatron_longalign.devdata.random_dataset import write_random_dataset as write
 
     write(prefix, lengths, vocab_size, seed, origin="bench/train_throughput.py")
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from megatron_longalign.data.tokenizer import load_tokenizer
-from megatron_longalign.data.tokenizer_training import train_hf_bpe, train_sentencepiece
+from megatron_longalign.devdata.tokenizer_training import train_hf_bpe, train_sentencepiece
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -88,7 +88,7 @@ def sample_prefixes(tmp_path_factory, sp_model) -> dict[str, str]:
     """Two small preprocessed datasets (long-ish retrieval samples, short chats) built
     with the session's sentencepiece tokenizer: name -> output prefix."""
     from megatron_longalign.data.preprocess import EncodeSpec, PreprocessConfig, preprocess
-    from megatron_longalign.data.synthetic import (
+    from megatron_longalign.devdata.synthetic import (
         generate_long_samples,
         generate_short_chats,
         write_jsonl,

@@ -2,7 +2,7 @@
 
     python tools/make_synthetic.py --output-dir data/sample
 
-All generation logic lives in `megatron_longalign.data.synthetic`; this is only the CLI.
+All generation logic lives in `megatron_longalign.devdata.synthetic`; this is only the CLI.
 """
 
 from __future__ import annotations
@@ -14,10 +14,10 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 try:
-    from megatron_longalign.data import synthetic
+    from megatron_longalign.devdata import synthetic
 except ImportError:  # a plain checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from megatron_longalign.data import synthetic
+    from megatron_longalign.devdata import synthetic
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -16,8 +16,8 @@ import sys
 from collections.abc import Iterator
 
 from megatron_longalign.data.jsonl_reader import expand_inputs, read_chunks
-from megatron_longalign.data.synthetic import tokenizer_training_text
-from megatron_longalign.data.tokenizer_training import train_hf_bpe, train_sentencepiece
+from megatron_longalign.devdata.synthetic import tokenizer_training_text
+from megatron_longalign.devdata.tokenizer_training import train_hf_bpe, train_sentencepiece
 
 KINDS = ("sentencepiece", "hf-byte-level", "hf-metaspace")
 

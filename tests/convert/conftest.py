@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.megatron_session import megatron_on_cpu
+from tests.helpers.megatron_session import megatron_on_cpu
 
 warnings.filterwarnings("ignore", category=UserWarning, module=r"megatron\.")
 

@@ -93,7 +93,7 @@ def test_fused_qkv_is_grouped_per_kv_head(name):
 
 
 def _megatron_shard(full: torch.Tensor, split_dim, stride: int, rank: int, tp: int) -> torch.Tensor:
-    """The TP shard as megatron lays it out (cf. tests/parallel/workers/tiny_gpt.shard)."""
+    """The TP shard as megatron lays it out (cf. tests/helpers/tiny_gpt.shard)."""
     if split_dim is None:
         return full
     pieces = torch.chunk(full, tp * stride, dim=split_dim)

@@ -21,7 +21,7 @@ from tests.convert.conftest import (
     checkpoint_tensors,
     hf_reference_logits,
 )
-from tests.parallel.launch import REPO, read_rank_results, run_workers
+from tests.helpers.launch import REPO, read_rank_results, run_workers
 
 pytestmark = pytest.mark.slow
 

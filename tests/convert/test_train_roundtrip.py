@@ -21,7 +21,7 @@ from tests.convert.conftest import (
     save_hf,
     write_tokenizer_files,
 )
-from tests.training.workers.common import VOCAB, tiny_training_config
+from tests.helpers.tiny_training import VOCAB, tiny_training_config
 
 
 def test_import_train_export_roundtrip(sample_prefixes, tmp_path):

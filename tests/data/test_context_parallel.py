@@ -13,7 +13,7 @@ from megatron_longalign.data.microbatch import MicroBatchBuilder, shard_for_cont
 from megatron_longalign.data.planner import MicroBatchPlan
 from megatron_longalign.parallel.context_parallel import context_parallel_token_index
 from tests.data.test_microbatch import fake_samples
-from tests.fake_group import FakeGroup
+from tests.helpers.fake_group import FakeGroup
 
 
 def _build(samples, cp, align=None, skip=False, naive=False):

@@ -22,7 +22,7 @@ from megatron_longalign.data.conversation import conversation_from_record
 from megatron_longalign.data.encoding import SampleEncoder
 from megatron_longalign.data.templates import TEMPLATES, RegionKind, get_template
 from megatron_longalign.data.tokenizer import SentencePieceTokenizer, load_tokenizer
-from megatron_longalign.data.tokenizer_training import (
+from megatron_longalign.devdata.tokenizer_training import (
     TEMPLATE_SPECIAL_TOKENS,
     train_hf_bpe,
     train_sentencepiece,
@@ -374,7 +374,7 @@ def test_special_token_the_normaliser_rewrites_is_refused(paths, tmp_path):
 @pytest.mark.parametrize("kind", KINDS)
 def test_long_samples_match_the_reference(paths, kind):
     """Thousands of tokens per text: the offset searches over long encodings."""
-    from megatron_longalign.data.synthetic import generate_long_samples
+    from megatron_longalign.devdata.synthetic import generate_long_samples
 
     for template, record in zip(
         ("llama2", "chatml", "llama3"), generate_long_samples(3, 800, 2000, seed=5), strict=True

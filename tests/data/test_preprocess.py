@@ -24,9 +24,9 @@ from megatron_longalign.data.preprocess import (
     SampleProcessor,
     preprocess,
 )
-from megatron_longalign.data.synthetic import generate_long_samples, generate_short_chats
 from megatron_longalign.data.templates import get_template
 from megatron_longalign.data.tokenizer import load_tokenizer
+from megatron_longalign.devdata.synthetic import generate_long_samples, generate_short_chats
 from tests.conftest import REPO, chat, write_lines
 from tests.data.test_conversation import BAD_LINES
 

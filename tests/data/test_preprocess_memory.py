@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from megatron_longalign.data.synthetic import generate_long_samples
+from megatron_longalign.devdata.synthetic import generate_long_samples
 from tests.conftest import REPO
 
 # Runs one preprocessing job in a fresh interpreter and prints its peak RSS in MB.

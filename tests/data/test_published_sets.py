@@ -23,7 +23,7 @@ from megatron_longalign.data.indexed import (
     megatron_prefix,
     open_dataset_files,
 )
-from megatron_longalign.data.random_dataset import write_random_dataset
+from megatron_longalign.devdata.random_dataset import write_random_dataset
 from megatron_longalign.utils.atomic_files import AtomicFileSet, clean_leftovers
 from tests.conftest import chat, write_lines
 from tests.data.test_preprocess import GOOD, convert

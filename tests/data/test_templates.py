@@ -16,7 +16,7 @@ from megatron_longalign.data.encoding import (
 )
 from megatron_longalign.data.templates import TEMPLATES, RegionKind, get_template
 from megatron_longalign.data.tokenizer import load_tokenizer
-from megatron_longalign.data.tokenizer_training import train_hf_bpe
+from megatron_longalign.devdata.tokenizer_training import train_hf_bpe
 from tests.conftest import chat
 
 CONVERSATION = conversation_from_record(chat("Doc.\n\nQ1?", "A1", "Q2", "A2", system="SYS"))

@@ -1,5 +1,5 @@
 """Model tests: megatron-core on CPU in this one process (gloo, world size 1), set up once
-(tests/megatron_session.py)."""
+(tests/helpers/megatron_session.py)."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import torch
 
 from megatron_longalign.config.model import ModelConfig
 from megatron_longalign.model.config import to_transformer_config
-from tests.megatron_session import megatron_on_cpu
-from tests.tiny_model import tiny_model_config
+from tests.helpers.megatron_session import megatron_on_cpu
+from tests.helpers.tiny_model import tiny_model_config
 
 SEED = 1234
 

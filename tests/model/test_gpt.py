@@ -19,7 +19,7 @@ from megatron_longalign.model.gpt import (
     model_inputs,
     rope_freqs,
 )
-from tests.fake_group import FakeGroup
+from tests.helpers.fake_group import FakeGroup
 from tests.model.conftest import build, doc_slices, pack, tiny_config
 
 pytestmark = pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from tests.parallel.launch import run_and_read
+from tests.helpers.launch import run_and_read
 
 pytestmark = pytest.mark.slow
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.parallel.launch import run_and_read
+from tests.helpers.launch import run_and_read
 from tests.parallel.test_model_parallel import assert_tensors_close, merged
 
 pytestmark = pytest.mark.slow

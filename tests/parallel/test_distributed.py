@@ -12,7 +12,7 @@ import pytest
 from megatron_longalign.config.errors import raise_if_problems
 from megatron_longalign.config.parallel import ParallelConfig
 from megatron_longalign.parallel.distributed import parallel_problems
-from tests.parallel.launch import REPO, WORKERS, worker_env
+from tests.helpers.launch import REPO, WORKERS, worker_env
 
 
 def test_valid_layouts_give_data_parallel_size():
@@ -68,7 +68,7 @@ def test_initialize_single_process_on_cpu(tmp_path):
 
 
 def test_rank0_then_broadcast_gives_every_rank_the_result_or_the_error(tmp_path):
-    from tests.parallel.launch import run_and_read
+    from tests.helpers.launch import run_and_read
 
     results = run_and_read("rank0_broadcast.py", 2, tmp_path)
     for rank, result in enumerate(results):

@@ -13,7 +13,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.parallel.launch import run_and_read
+from tests.helpers.launch import run_and_read
 
 pytestmark = pytest.mark.slow
 

@@ -24,7 +24,7 @@ from megatron_longalign.planning.memory import (
     stage_parameters,
     total_parameters,
 )
-from tests.tiny_model import tiny_model_config
+from tests.helpers.tiny_model import tiny_model_config
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -20,7 +20,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tests.parallel.launch import REPO, worker_env
+from tests.helpers.launch import REPO, worker_env
 
 
 @dataclass

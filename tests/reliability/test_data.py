@@ -21,7 +21,7 @@ import pytest
 
 from megatron_longalign.data.preprocess import EncodeSpec, PreprocessConfig, preprocess
 from tests.conftest import chat, write_lines
-from tests.parallel.launch import REPO
+from tests.helpers.launch import REPO
 from tests.reliability.harness import Case, Setup, case_ids, run_case, tool
 
 TOKENIZER = str(REPO / "data" / "sample" / "tokenizer.model")

@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 
 from megatron_longalign.training.preemption import PREEMPTED_EXIT_CODE
-from tests.parallel.launch import REPO, worker_env
+from tests.helpers.launch import REPO, worker_env
 from tests.reliability.harness import Case, Setup, digest_tree, python_command, run_case
 from tests.slurm.conftest import FakeCluster, cluster, free_job_id  # noqa: F401 (fixture)
 

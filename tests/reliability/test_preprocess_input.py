@@ -69,7 +69,7 @@ def _corrupt_tokenizer_json(d: Path) -> Setup:
 
 def _template_needs_missing_special(d: Path) -> Setup:
     # A HF tokenizer trained without the chat special tokens.
-    from megatron_longalign.data.tokenizer_training import train_hf_bpe
+    from megatron_longalign.devdata.tokenizer_training import train_hf_bpe
 
     path = train_hf_bpe(["hello world"] * 30, d / "tok", 300, special_tokens=())
     return _run(d, _good(d), path, "chatml")
@@ -92,7 +92,7 @@ def _missing_input(d: Path) -> Setup:
 
 
 def _reserved_marker_character(d: Path) -> Setup:
-    from megatron_longalign.data.tokenizer_training import train_hf_bpe
+    from megatron_longalign.devdata.tokenizer_training import train_hf_bpe
 
     path = train_hf_bpe(["hello world"] * 30, d / "tok", 300)
     data = _input(d, [chat("q", "a"), chat("a\U000f0000b", "c")])

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.parallel.launch import REPO, worker_env
+from tests.helpers.launch import REPO, worker_env
 
 FAKE_SLURM = Path(__file__).resolve().parent / "fake_slurm.py"
 

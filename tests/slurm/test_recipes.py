@@ -10,7 +10,7 @@ from hydra import compose, initialize_config_dir
 from megatron_longalign.config.training import LongAlignConfig, register_configs, to_config
 from megatron_longalign.training.schedule import warmup_steps
 from megatron_longalign.training.validate import config_problems
-from tests.parallel.launch import REPO
+from tests.helpers.launch import REPO
 
 RECIPES = ("train_64k", "train_64k_sorted", "train_128k")
 WORLD_SIZES = (8, 16)

@@ -15,7 +15,7 @@ import pytest
 
 from megatron_longalign.training.checkpoint import read_marker
 from megatron_longalign.training.preemption import PREEMPTED_EXIT_CODE
-from tests.parallel.launch import REPO
+from tests.helpers.launch import REPO
 from tests.slurm.conftest import FakeCluster, free_job_id
 
 SCRIPT = REPO / "slurm" / "train_64k.sh"

@@ -12,7 +12,7 @@ from megatron_longalign.model import model_inputs
 from megatron_longalign.training.builders import build_inference_model
 from megatron_longalign.training.checkpoint import CheckpointError
 from megatron_longalign.training.trainer import Trainer
-from tests.training.workers.common import tiny_training_config
+from tests.helpers.tiny_training import tiny_training_config
 
 pytestmark = pytest.mark.usefixtures("distributed_teardown")
 

@@ -21,8 +21,8 @@ from megatron_longalign.training.checkpoint import (
     read_marker,
 )
 from megatron_longalign.training.trainer import Trainer
-from tests.parallel.launch import REPO, worker_env
-from tests.training.workers.common import Recorder, read_losses, tiny_training_config
+from tests.helpers.launch import REPO, worker_env
+from tests.helpers.tiny_training import Recorder, read_losses, tiny_training_config
 
 WORKER = Path(__file__).resolve().parent / "workers" / "resume_run.py"
 STEPS, SAVE_INTERVAL = 8, 3
@@ -151,7 +151,7 @@ def test_save_schedule_position_and_resume_in_process(sample_prefixes, tmp_path)
 
     # resume=never starts from scratch; an explicit path loads that checkpoint. Both into
     # another checkpoint_dir: in this one they would overwrite steps 2 and 4, and the
-    # Trainer refuses (tests/training_checkpoint/test_integrity.py).
+    # Trainer refuses (tests/training/test_checkpoint_integrity.py).
     config.train.resume = "never"
     with pytest.raises(CheckpointError, match="already has complete checkpoints"):
         Trainer(config)

@@ -16,7 +16,7 @@ from megatron_longalign.data.indexed import open_dataset_files
 from megatron_longalign.training import trainer as trainer_module
 from megatron_longalign.training.trainer import Trainer
 from megatron_longalign.training.validate import ConfigError
-from tests.training.workers.common import tiny_training_config
+from tests.helpers.tiny_training import tiny_training_config
 
 pytestmark = pytest.mark.usefixtures("distributed_teardown")
 

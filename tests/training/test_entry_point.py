@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.parallel.launch import REPO, worker_env
+from tests.helpers.launch import REPO, worker_env
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ import json
 import pytest
 import torch
 
-from tests.parallel.launch import WORKERS, run_and_read
+from tests.helpers.launch import WORKERS, run_and_read
 
 pytestmark = pytest.mark.slow
 

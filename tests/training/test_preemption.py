@@ -21,8 +21,8 @@ from megatron_longalign.training.checkpoint import CheckpointManager, read_marke
 from megatron_longalign.training.schedule import build_scheduler, warmup_steps
 from megatron_longalign.training.trainer import Trainer
 from megatron_longalign.training.validate import config_problems
-from tests.parallel.launch import REPO, worker_env
-from tests.training.workers.common import read_losses, tiny_training_config
+from tests.helpers.launch import REPO, worker_env
+from tests.helpers.tiny_training import read_losses, tiny_training_config
 
 WORKER = Path(__file__).resolve().parent / "workers" / "preempt_run.py"
 STEPS = 8

@@ -13,7 +13,7 @@ from megatron_longalign.data.planner import PlanPosition
 from megatron_longalign.training.builders import build_transformer_config
 from megatron_longalign.training.step import NonFiniteTrainingError
 from megatron_longalign.training.trainer import Trainer
-from tests.training.workers.common import tiny_training_config
+from tests.helpers.tiny_training import tiny_training_config
 
 pytestmark = pytest.mark.usefixtures("distributed_teardown")
 

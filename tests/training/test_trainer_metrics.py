@@ -18,7 +18,7 @@ from megatron_longalign.training.metrics import (
     TOKEN_MEAN_LOSS,
 )
 from megatron_longalign.training.trainer import Trainer
-from tests.training.workers.common import Recorder, tiny_training_config
+from tests.helpers.tiny_training import Recorder, tiny_training_config
 
 pytestmark = pytest.mark.usefixtures("distributed_teardown")
 

@@ -9,7 +9,7 @@ import pytest
 
 from megatron_longalign.config.training import LongAlignConfig, to_config
 from megatron_longalign.training.validate import ConfigError, config_problems, validate_config
-from tests.training.workers.common import tiny_training_config
+from tests.helpers.tiny_training import tiny_training_config
 
 CONF = Path(__file__).resolve().parents[2] / "conf"
 

@@ -11,9 +11,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tiny_gpt import build_model, full_tensors, parse_args, setup, tiny_config, write_rank_result
-
 from megatron_longalign.training.checkpoint_io import load_sharded, save_sharded
+from tests.helpers.tiny_gpt import (
+    build_model,
+    full_tensors,
+    parse_args,
+    setup,
+    tiny_config,
+    write_rank_result,
+)
 
 SAVED_SEED = 7
 OTHER_SEED = 8

@@ -25,12 +25,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tiny_gpt import (
-    full_tensors,
-    set_deterministic_weights,
-    wrap_ddp,
-    write_rank_result,
-)
 
 from megatron_longalign.config.data import SkipAlignConfig
 from megatron_longalign.config.model import ModelConfig
@@ -42,7 +36,13 @@ from megatron_longalign.data.weights import per_token_weights
 from megatron_longalign.model.config import to_transformer_config
 from megatron_longalign.parallel.distributed import initialize_distributed
 from megatron_longalign.training.loss import NLL_SUM, NUM_TARGETS, loss_func
-from tests.tiny_model import tiny_model_config
+from tests.helpers.tiny_gpt import (
+    build_ddp_model,
+    full_tensors,
+    unwrap,
+    write_rank_result,
+)
+from tests.helpers.tiny_model import tiny_model_config
 
 TEMPLATE, USER, ASSISTANT, CONTEXT = 0, 2, 3, 4
 # (region kind, length) per sample; lengths chosen odd, and one sample (2 tokens) shorter
@@ -114,8 +114,6 @@ def micro_batches(cp: int, mode: str):
 def build(cp: int, backend: str, device: torch.device):
     from megatron.core import parallel_state
 
-    from megatron_longalign.model import build_gpt_model
-
     # TE's packed CP attention needs fp16/bf16; the CPU backends run fp32.
     dtype = torch.bfloat16 if backend == "te" else torch.float32
     tp = parallel_state.get_tensor_model_parallel_world_size()
@@ -137,15 +135,9 @@ def build(cp: int, backend: str, device: torch.device):
         overrides["moe_token_dispatcher_type"] = "alltoall"
     config = model_config(backend)
     transformer_config = to_transformer_config(config, **overrides)
-    model = build_gpt_model(
-        config,
-        pre_process=parallel_state.is_pipeline_first_stage(),
-        post_process=parallel_state.is_pipeline_last_stage(),
-        transformer_config=transformer_config,
-    )
-    set_deterministic_weights(model, seed=7)
-    model = model.to(device)
-    return wrap_ddp(model, transformer_config, use_distributed_optimizer=False, sum_gradients=True)
+    # The trainer's build_model: DDP with SUM, finalize_grads_as_sum (and, in bf16,
+    # megatron's Float16Module, as in training).
+    return build_ddp_model(transformer_config, 7, model_config=config, device=device)
 
 
 def per_document_sums(mb, token_nll: torch.Tensor) -> torch.Tensor:
@@ -209,7 +201,7 @@ def run_mode(model, cp: int, mode: str, device: torch.device, forward_only: bool
     }
     if forward_only:
         return result
-    grads = {k: g.float().cpu() for k, g in full_tensors(model.module, "main_grad").items()}
+    grads = {k: g.float().cpu() for k, g in full_tensors(unwrap(model), "main_grad").items()}
     result["grads_finite"] = all(math.isfinite(float(g.abs().sum())) for g in grads.values())
     if parallel_state.get_tensor_model_parallel_rank() == 0 and cp_rank == 0:
         result["grads"] = grads

@@ -2,17 +2,21 @@
 (TP, PP) layout. Writes per-token losses (last stage) and the full gradient of the
 summed token losses for every parameter (TP rank 0 of each stage).
 
-Loss path: calculate_per_token_loss=True, a 3-tuple loss_func returning the summed
-token losses, DDP with SUM reduction and `finalize_grads_as_sum`, so main_grad is
-exactly d(sum of all token losses over both micro-batches). At TP = PP = 1 it also
-writes the same gradient from plain autograd, as the reference for that claim.
+Loss path (the package's own code): calculate_per_token_loss=True, the trainer's 3-tuple
+`loss_func` with weight 1 on every token (the summed token losses), and the trainer's DDP
+wrapping (SUM reduction, `finalize_grads_as_sum`), so main_grad is exactly d(sum of all
+token losses over both micro-batches). At TP = PP = 1 it also writes the same gradient
+from plain autograd, as the reference for that claim.
 """
 
 from __future__ import annotations
 
 import torch
-from tiny_gpt import (
+
+from megatron_longalign.training.loss import loss_func
+from tests.helpers.tiny_gpt import (
     SEQ,
+    build_ddp_model,
     build_model,
     full_tensors,
     make_batches,
@@ -20,7 +24,7 @@ from tiny_gpt import (
     run_model,
     setup,
     tiny_config,
-    wrap_ddp,
+    unwrap,
     write_rank_result,
 )
 
@@ -32,11 +36,11 @@ def forward_step(data_iterator, model):
     batch = next(data_iterator)
     output = run_model(model, batch)
 
-    def loss_func(token_losses: torch.Tensor):
-        num_tokens = torch.tensor(token_losses.numel(), dtype=torch.int)
-        return token_losses.sum(), num_tokens, {"token_losses": token_losses.detach()}
+    def summed_loss(token_losses: torch.Tensor):
+        loss, num_tokens, report = loss_func(torch.ones_like(token_losses), token_losses)
+        return loss, num_tokens, {**report, "token_losses": token_losses.detach()}
 
-    return output, loss_func
+    return output, summed_loss
 
 
 def plain_autograd_grads() -> dict[str, torch.Tensor]:
@@ -55,9 +59,7 @@ def main() -> None:
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     config = tiny_config(calculate_per_token_loss=True)
-    model = wrap_ddp(
-        build_model(config), config, use_distributed_optimizer=False, sum_gradients=True
-    )
+    model = build_ddp_model(config)
     model.zero_grad_buffer()
     reports = get_forward_backward_func()(
         forward_step_func=forward_step,
@@ -67,7 +69,7 @@ def main() -> None:
         seq_length=SEQ,
         micro_batch_size=MICRO_BATCH_SIZE,
     )
-    grads = full_tensors(model.module, "main_grad")
+    grads = full_tensors(unwrap(model), "main_grad")
     result = {}
     if parallel_state.get_tensor_model_parallel_rank() == 0:
         result["grads"] = grads

@@ -17,9 +17,10 @@ PP = 1 (one rank, the independent reference): every document alone, one plain
 autograd forward/backward each on a single-stage model, with no schedule, no p2p and
 no DDP; `.grad` accumulates the gradient of the summed token losses.
 
-Loss path (as in fwd_bwd.py): calculate_per_token_loss=True with a 3-tuple loss_func
-returning the summed token losses, DDP with SUM and `finalize_grads_as_sum`, so
-main_grad is exactly d(sum of every token loss of every micro-batch).
+Loss path (as in fwd_bwd.py, the package's own code): calculate_per_token_loss=True with
+the trainer's 3-tuple `loss_func` at weight 1 per token (the summed token losses), and
+the trainer's DDP wrapping (SUM, `finalize_grads_as_sum`), so main_grad is exactly
+d(sum of every token loss of every micro-batch).
 """
 
 from __future__ import annotations
@@ -27,18 +28,19 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from tiny_gpt import (
+
+from megatron_longalign.model.config import to_transformer_config
+from megatron_longalign.model.gpt import build_gpt_model, packed_seq_params_from
+from megatron_longalign.training.loss import loss_func
+from tests.helpers.tiny_gpt import (
+    build_ddp_model,
     full_tensors,
     parse_args,
     set_deterministic_weights,
     setup,
-    wrap_ddp,
     write_rank_result,
 )
-
-from megatron_longalign.model.config import to_transformer_config
-from megatron_longalign.model.gpt import build_gpt_model, packed_seq_params_from
-from tests.tiny_model import tiny_model_config
+from tests.helpers.tiny_model import tiny_model_config
 
 WEIGHT_SEED = 11
 DATA_SEED = 5
@@ -177,12 +179,11 @@ def forward_step(data_iterator, model):
     micro_batch = next(data_iterator)
     token_losses = model(**micro_batch.inputs())
 
-    def loss_func(output: torch.Tensor):
-        num_tokens = torch.tensor(output.numel(), dtype=torch.int)
-        report = {"losses": document_losses(micro_batch, output.detach())}
-        return output.sum(), num_tokens, report
+    def summed_loss(output: torch.Tensor):
+        loss, num_tokens, report = loss_func(torch.ones_like(output), output)
+        return loss, num_tokens, {**report, "losses": document_losses(micro_batch, output.detach())}
 
-    return token_losses, loss_func
+    return token_losses, summed_loss
 
 
 def run_schedule(model, micro_batches: list[MicroBatch], forward_only: bool) -> dict:
@@ -220,14 +221,7 @@ def pipeline_runs(packs: list[list[Document]]) -> dict:
         params_dtype=torch.float32,
         pipeline_dtype=torch.float32,  # the dtype of what the stages send each other
     )
-    model = build_gpt_model(
-        MODEL,
-        pre_process=parallel_state.is_pipeline_first_stage(),
-        post_process=parallel_state.is_pipeline_last_stage(),
-        transformer_config=config,
-    )
-    set_deterministic_weights(model, WEIGHT_SEED)
-    model = wrap_ddp(model, config, use_distributed_optimizer=False, sum_gradients=True)
+    model = build_ddp_model(config, WEIGHT_SEED, model_config=MODEL)
 
     result = {}
     # Each document alone first, so the packed gradient is the one left in main_grad.

@@ -6,9 +6,10 @@ optimizer, the global batch (4 sequences) split over the data-parallel ranks.
     the DP size, so the step sees the mean over micro-batches of the micro-batch means.
     That equals the DP=1 run when every micro-batch has the same size (here: micro-batch
     size 1 in both runs, every token counts).
---mode sum: the LongAlign path. Per-token weights w_t = 1/(N_i * M) (mean of
-    per-sequence means, with a random loss mask), calculate_per_token_loss=True, a
-    3-tuple loss_func returning sum_t w_t * loss_t, and `finalize_grads_as_sum`, so the
+--mode sum: the LongAlign path, with the package's own code. Per-token weights
+    w_t = 1/(N_i * M) (mean of per-sequence means, with a random loss mask),
+    calculate_per_token_loss=True, the trainer's 3-tuple `loss_func` returning
+    sum_t w_t * loss_t, and the trainer's DDP wrapping with `finalize_grads_as_sum`, so the
     applied gradient is d(sum_t w_t loss_t) over the whole global batch whatever the DP
     size or micro-batch size.
 """
@@ -16,8 +17,11 @@ optimizer, the global batch (4 sequences) split over the data-parallel ranks.
 from __future__ import annotations
 
 import torch
-from tiny_gpt import (
+
+from megatron_longalign.training.loss import loss_func
+from tests.helpers.tiny_gpt import (
     SEQ,
+    build_ddp_model,
     build_model,
     full_tensors,
     make_batches,
@@ -26,8 +30,6 @@ from tiny_gpt import (
     sequence_mean_weights,
     setup,
     tiny_config,
-    weighted_sum_loss_func,
-    wrap_ddp,
     write_rank_result,
 )
 
@@ -49,7 +51,7 @@ def make_forward_step(mode: str):
         if mode == "mean":
             return output, mean_loss_func
         weights = sequence_mean_weights(batch["loss_mask"], GLOBAL_BATCH)
-        return output, lambda losses: weighted_sum_loss_func(weights, losses)
+        return output, lambda losses: loss_func(weights, losses)
 
     return forward_step
 
@@ -96,9 +98,7 @@ def train(mode: str, micro_batch_size: int) -> dict:
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     config = tiny_config(calculate_per_token_loss=(mode == "sum"))
-    model = wrap_ddp(
-        build_model(config), config, use_distributed_optimizer=True, sum_gradients=(mode == "sum")
-    )
+    model = build_ddp_model(config, use_distributed_optimizer=True, sum_gradients=(mode == "sum"))
     optimizer = build_optimizer(model)
     batches = local_micro_batches(micro_batch_size)
     losses, grad_norms = [], []

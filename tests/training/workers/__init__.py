@@ -1,2 +1,1 @@
-"""torchrun worker scripts of the trainer tests, and helpers shared with the pytest side
-(`common`)."""
+"""torchrun worker scripts of the trainer and checkpoint tests (shared code: tests/helpers/)."""

@@ -20,7 +20,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from common import JsonLinesLogger, tiny_training_config
+from tests.helpers.tiny_training import JsonLinesLogger, tiny_training_config
 
 warnings.filterwarnings("ignore")
 

@@ -21,7 +21,7 @@ import time
 import warnings
 from pathlib import Path
 
-from common import JsonLinesLogger, tiny_training_config
+from tests.helpers.tiny_training import JsonLinesLogger, tiny_training_config
 
 warnings.filterwarnings("ignore")
 

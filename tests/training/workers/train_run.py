@@ -18,7 +18,8 @@ import warnings
 from pathlib import Path
 
 import torch
-from common import tiny_training_config
+
+from tests.helpers.tiny_training import tiny_training_config
 
 warnings.filterwarnings("ignore")
 
@@ -41,7 +42,7 @@ def parse_args() -> argparse.Namespace:
 
 
 def layout_independent_weights(chunks: list[torch.nn.Module]) -> None:
-    from tests.parallel.workers.tiny_gpt import set_deterministic_weights
+    from tests.helpers.tiny_gpt import set_deterministic_weights
 
     for chunk in chunks:
         set_deterministic_weights(chunk, seed=7)

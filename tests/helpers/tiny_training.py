@@ -3,8 +3,7 @@ on small preprocessed datasets (tests/conftest.py `sample_prefixes`), sized so a
 takes well under a second on one CPU core; and MetricsLogger stand-ins (in memory, or a
 JSON-lines file a test reads back with `read_losses`).
 
-Workers import this as `common` (their own directory is on sys.path); pytest modules as
-`tests.training.workers.common`.
+Workers and pytest modules import this as `tests.helpers.tiny_training`.
 """
 
 from __future__ import annotations
@@ -23,7 +22,7 @@ from megatron_longalign.config.training import (
     OptimConfig,
     TrainConfig,
 )
-from tests.tiny_model import tiny_model_config
+from tests.helpers.tiny_model import tiny_model_config
 
 # The session tokenizer of tests/conftest.py has 600 pieces.
 VOCAB = 640

@@ -1,4 +1,4 @@
-"""CheckpointManager end to end under torchrun on CPU (workers/resume.py): exact resume
+"""CheckpointManager end to end under torchrun on CPU (workers/checkpoint_manager_run.py): exact resume
 with DDP + distributed Adam + LR scheduler + RNG, a save killed before its rename, and
 resharding (DP2 -> DP1 -> DP2 with the default dp_reshardable optimizer format, TP2 ->
 TP1 with fully_reshardable)."""
@@ -11,11 +11,11 @@ import pytest
 import torch
 
 from megatron_longalign.training.checkpoint import CheckpointManager, read_marker
-from tests.parallel.launch import read_rank_results, run_workers
+from tests.helpers.launch import read_rank_results, run_workers
 
 pytestmark = pytest.mark.slow
 
-WORKER = Path(__file__).resolve().parent / "workers" / "resume.py"
+WORKER = Path(__file__).resolve().parent / "workers" / "checkpoint_manager_run.py"
 STEP2, STEP4 = "step_00000002", "step_00000004"
 
 

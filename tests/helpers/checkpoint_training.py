@@ -1,32 +1,26 @@
-"""Helpers for the checkpoint workers: the tiny GPT of tests/parallel/workers trained
+"""Helpers for the checkpoint workers: the tiny GPT of tests/helpers/tiny_gpt.py trained
 with megatron DDP, the distributed optimizer (Adam) and megatron's LR scheduler.
 
-Worker scripts import this as `ckpt_helpers` (their own directory is on sys.path); it
-puts tests/parallel/workers on sys.path for `tiny_gpt`.
+Worker scripts import this as `tests.helpers.checkpoint_training`.
 """
 
 from __future__ import annotations
 
 import random
-import sys
-from pathlib import Path
 
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "parallel" / "workers"))
-
-from tiny_gpt import (  # noqa: E402
+from megatron_longalign.training.loss import loss_func
+from tests.helpers.tiny_gpt import (
     SEQ,
-    build_model,
+    build_ddp_model,
     full_tensors,
     make_batches,
     run_model,
     sequence_mean_weights,
     setup,
     tiny_config,
-    weighted_sum_loss_func,
-    wrap_ddp,
     write_rank_result,
 )
 
@@ -51,9 +45,7 @@ def build_training(weight_seed: int = 7, lr: float = 1e-2):
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
     config = tiny_config(calculate_per_token_loss=True)
-    model = wrap_ddp(
-        build_model(config, weight_seed), config, use_distributed_optimizer=True, sum_gradients=True
-    )
+    model = build_ddp_model(config, weight_seed, use_distributed_optimizer=True)
     optimizer = get_megatron_optimizer(
         OptimizerConfig(
             optimizer="adam",
@@ -98,7 +90,7 @@ def _forward_step(data_iterator, model):
     batch = next(data_iterator)
     output = run_model(model, batch)
     weights = sequence_mean_weights(batch["loss_mask"], GLOBAL_BATCH)  # mean of sequence means
-    return output, lambda token_losses: weighted_sum_loss_func(weights, token_losses)
+    return output, lambda token_losses: loss_func(weights, token_losses)
 
 
 def train_step(model: list, optimizer, scheduler, step: int) -> float:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from megatron_longalign.data import synthetic
+from megatron_longalign.devdata import synthetic
 
 ROOT = Path(__file__).resolve().parents[2]
 MIN_WORDS, MAX_WORDS = 200, 3000
@@ -401,3 +401,43 @@ def test_cli_writes_both_files(tmp_path: Path) -> None:
     assert "long.jsonl.gz" in result.stdout and "short_chat.jsonl.gz" in result.stdout
     assert len(read_lines(tmp_path / "long.jsonl.gz")) == 3
     assert "conversations" in read_lines(tmp_path / "short_chat.jsonl.gz")[0]
+
+
+@pytest.mark.parametrize(
+    "messages",
+    [
+        [],
+        [{"role": "system", "content": "be brief"}],
+        [{"role": "user", "content": "hi"}, {"role": "user", "content": "again"}],
+        [{"role": "assistant", "content": "hello"}],
+        [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "  "}],
+        [{"role": "user", "content": "hi"}, {"role": "assistant", "content": 3}],
+        [{"role": "user", "content": "hi"}, {"role": "assistant"}],
+        [
+            {"role": "user", "content": "hi"},
+            {"role": "assistant", "content": "a"},
+            {"role": "user", "content": "b"},
+        ],
+        # The conversation parser accepts aliases; the synthetic records use the canonical names.
+        [{"role": "human", "content": "hi"}, {"role": "assistant", "content": "hello"}],
+    ],
+)
+def test_validate_record_rejects_malformed_chats(messages) -> None:
+    with pytest.raises(ValueError):
+        synthetic.validate_record({"messages": messages})
+
+
+def test_validate_record_rejects_other_schemas() -> None:
+    chat = [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "hello"}]
+    for record in ({"conversations": chat}, [], {"messages": "hi"}):
+        with pytest.raises(ValueError):
+            synthetic.validate_record(record)
+    synthetic.validate_record(
+        {
+            "messages": [
+                {"role": "system", "content": "be brief"},
+                {"role": "user", "content": "hi"},
+                {"role": "assistant", "content": "hello"},
+            ]
+        }
+    )

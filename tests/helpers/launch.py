@@ -1,6 +1,8 @@
 """Run a worker script under torchrun from pytest, and read back what its ranks wrote.
 
-Workers live in tests/parallel/workers/. Each rank writes `<out>/rank<R>.json`; the
+Workers live in tests/<package>/workers/ (`run_and_read` looks in tests/parallel/workers/)
+and import shared code as `tests.helpers.<module>`: `worker_env` puts the repository
+root on their PYTHONPATH. Each rank writes `<out>/rank<R>.json`; the
 pytest side merges and compares. Workers run with OMP_NUM_THREADS=1 because the CI
 machine has two cores shared by up to four ranks.
 """
@@ -14,8 +16,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-WORKERS = Path(__file__).resolve().parent / "workers"
 REPO = Path(__file__).resolve().parents[2]
+WORKERS = REPO / "tests" / "parallel" / "workers"
 
 # Variables a parent torchrun (or a distributed pytest run) could leak into the child.
 _DIST_VARS = (
@@ -39,7 +41,8 @@ def worker_env() -> dict[str, str]:
     env["OMP_NUM_THREADS"] = "1"
     env["PYTHONUNBUFFERED"] = "1"
     env["PYTHONWARNINGS"] = "ignore"
-    # The package is installed editable, but be explicit so a plain checkout works too.
+    # The package is installed editable, but be explicit so a plain checkout works too;
+    # the root also makes `tests.helpers` importable in the workers.
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
     return env
 

@@ -1,12 +1,18 @@
-"""Shared helpers for the torchrun workers: a tiny megatron-core GPTModel whose weights
-do not depend on the parallel layout, a fixed batch, and TP gather/scatter by full shape.
+"""Shared helpers for the torchrun workers: the tiny LongAlignGPTModel (sdpa backend)
+whose weights do not depend on the parallel layout, wrapped the way the trainer wraps it,
+a fixed batch, and TP gather/scatter by full shape.
 
-Worker scripts import this as `tiny_gpt` (their own directory is on sys.path).
+Worker scripts import this as `tests.helpers.tiny_gpt`.
 
 Layout independence: every parameter is drawn from a generator seeded by its global
 name (layer numbers counted over all pipeline stages) at its full, unsharded shape;
 each rank then keeps its tensor-parallel slice. Gradients are gathered back to full
 shapes the same way, so results from any (TP, PP) layout compare key by key.
+
+What is under test is the package's own code: the model (`build_gpt_model`), megatron
+DDP as the trainer wraps it (`training.trainer.build_model`: SUM over DP and
+`finalize_grads_as_sum`), and `training.loss.loss_func`. The workers compare against
+references computed without any of that (plain autograd on one process).
 """
 
 from __future__ import annotations
@@ -20,15 +26,18 @@ from pathlib import Path
 
 import torch
 
+from megatron_longalign.config.model import ModelConfig
 from megatron_longalign.config.parallel import ParallelConfig
+from megatron_longalign.config.training import LongAlignConfig
+from megatron_longalign.model.config import to_transformer_config
 from megatron_longalign.parallel.distributed import initialize_distributed
+from tests.helpers.tiny_model import tiny_model_config
 
 # megatron warns about missing TE/apex at import; the launcher also sets PYTHONWARNINGS.
 warnings.filterwarnings("ignore")
 
 VOCAB = 512
 SEQ = 32
-HIDDEN = 64
 
 
 def parse_args(extra: dict[str, type] | None = None) -> argparse.Namespace:
@@ -46,51 +55,95 @@ def setup(tp: int = 1, pp: int = 1, seed: int = 1234) -> None:
     initialize_distributed(parallel, seed=seed, cpu=True)
 
 
-def tiny_config(num_layers: int = 2, **overrides):
+# The tiny shape (2 layers, hidden 64, GQA 4:2); 512 is a multiple of 64 x TP for TP 1
+# and 2, so every layout has the same padded vocabulary (and softmax).
+MODEL = tiny_model_config(
+    name="tiny-gpt",
+    vocab_size=VOCAB,
+    make_vocab_size_divisible_by=64,
+    max_position_embeddings=4 * SEQ,
+)
+
+
+def tiny_config(**overrides):
+    """megatron TransformerConfig of MODEL on this rank's (TP, PP) layout, fp32 on CPU."""
     from megatron.core import parallel_state
-    from megatron.core.transformer.transformer_config import TransformerConfig
 
     fields = dict(
-        num_layers=num_layers,
-        hidden_size=HIDDEN,
-        num_attention_heads=4,
-        num_query_groups=2,
-        ffn_hidden_size=128,
-        normalization="RMSNorm",
-        gated_linear_unit=True,
-        activation_func=torch.nn.functional.silu,
-        add_bias_linear=False,
         use_cpu_initialization=True,
-        hidden_dropout=0.0,
-        attention_dropout=0.0,
         params_dtype=torch.float32,
         pipeline_dtype=torch.float32,
         tensor_model_parallel_size=parallel_state.get_tensor_model_parallel_world_size(),
         pipeline_model_parallel_size=parallel_state.get_pipeline_model_parallel_world_size(),
     )
     fields.update(overrides)
-    return TransformerConfig(**fields)
+    return to_transformer_config(MODEL, **fields)
 
 
 def build_model(config, weight_seed: int = 7):
-    """GPTModel (local spec, RoPE, untied embeddings) for this rank's pipeline stage,
-    with layout-independent weights."""
+    """The package's GPT model (MODEL) for this rank's pipeline stage, not wrapped, with
+    layout-independent weights: the references (plain autograd) and checkpoint tests."""
     from megatron.core import parallel_state
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
-    from megatron.core.models.gpt.gpt_model import GPTModel
 
-    model = GPTModel(
-        config,
-        get_gpt_layer_local_spec(normalization="RMSNorm"),
-        vocab_size=VOCAB,
-        max_sequence_length=4 * SEQ,
+    from megatron_longalign.model import build_gpt_model
+
+    model = build_gpt_model(
+        MODEL,
         pre_process=parallel_state.is_pipeline_first_stage(),
         post_process=parallel_state.is_pipeline_last_stage(),
-        share_embeddings_and_output_weights=False,
-        position_embedding_type="rope",
+        transformer_config=config,
     )
     set_deterministic_weights(model, weight_seed)
     return model
+
+
+def build_ddp_model(
+    config,
+    weight_seed: int = 7,
+    *,
+    model_config: ModelConfig = MODEL,
+    use_distributed_optimizer: bool = False,
+    sum_gradients: bool = True,
+    device: torch.device | None = None,
+):
+    """This rank's model chunk built and wrapped by the trainer's own `build_model`
+    (megatron DDP with SUM over DP, `config.no_sync_func`, `finalize_grads_as_sum`),
+    with layout-independent weights. sum_gradients=False: megatron's own finalize
+    instead (its default averaging, for the comparison with a 2-tuple loss)."""
+    from megatron.core import parallel_state
+
+    from megatron_longalign.training.builders import build_model as build_trainer_model
+
+    parallel = ParallelConfig(
+        tensor_model_parallel_size=parallel_state.get_tensor_model_parallel_world_size(),
+        pipeline_model_parallel_size=parallel_state.get_pipeline_model_parallel_world_size(),
+        context_parallel_size=parallel_state.get_context_parallel_world_size(),
+        use_distributed_optimizer=use_distributed_optimizer,
+    )
+
+    def init_weights(chunks: list[torch.nn.Module]) -> None:
+        for chunk in chunks:
+            set_deterministic_weights(chunk, weight_seed)
+
+    (model,) = build_trainer_model(
+        LongAlignConfig(model=model_config, parallel=parallel),
+        config,
+        device or torch.device("cpu"),
+        init_weights=init_weights,
+    )
+    if not sum_gradients:
+        from megatron.core.distributed import finalize_model_grads
+
+        config.finalize_model_grads_func = finalize_model_grads
+    return model
+
+
+def unwrap(model) -> torch.nn.Module:
+    """The GPT model inside DDP (and inside Float16Module in bf16)."""
+    from megatron.core.transformer.module import Float16Module
+
+    inner = model.module
+    return inner.module if isinstance(inner, Float16Module) else inner
 
 
 # ---------------------------------------------------------------- names and shards
@@ -230,14 +283,6 @@ def sequence_mean_weights(loss_mask: torch.Tensor, num_sequences: int) -> torch.
     return loss_mask / loss_mask.sum(dim=-1, keepdim=True) / num_sequences
 
 
-def weighted_sum_loss_func(weights: torch.Tensor, token_losses: torch.Tensor):
-    """3-tuple loss_func for calculate_per_token_loss=True: sum_t w_t * loss_t, the
-    number of weighted tokens, and the loss for the step report."""
-    loss = (weights * token_losses).sum()
-    num_tokens = (weights > 0).sum().to(torch.int)
-    return loss, num_tokens, {"loss": loss.detach().clone()}
-
-
 # ---------------------------------------------------------------- output
 
 
@@ -266,44 +311,3 @@ def write_rank_result(out_dir: Path, result: dict) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"rank{result['rank']}.json"
     path.write_text(json.dumps(to_jsonable(result)))
-
-
-# ---------------------------------------------------------------- megatron plumbing
-
-
-def finalize_grads_as_sum(model, num_tokens, pg_collection=None, force_all_reduce=False):
-    """`config.finalize_model_grads_func` for exact sum semantics.
-
-    With `calculate_per_token_loss=True` the schedule leaves the loss untouched and DDP
-    reduces with a plain SUM (gradient_scaling_factor 1); megatron's own finalize would
-    then divide by the token count. Passing num_tokens=None skips that division, so the
-    applied gradient is the gradient of the sum of the returned losses over all
-    micro-batches and DP (x CP) ranks.
-    """
-    from megatron.core.distributed import finalize_model_grads
-
-    del num_tokens
-    finalize_model_grads(
-        model, None, pg_collection=pg_collection, force_all_reduce=force_all_reduce
-    )
-
-
-def wrap_ddp(model, config, use_distributed_optimizer: bool, sum_gradients: bool):
-    """megatron DDP around `model`, wired into `config` the way the schedules expect."""
-    from megatron.core.distributed import (
-        DistributedDataParallel,
-        DistributedDataParallelConfig,
-        finalize_model_grads,
-    )
-
-    ddp_config = DistributedDataParallelConfig(
-        use_distributed_optimizer=use_distributed_optimizer,
-        overlap_grad_reduce=False,
-        grad_reduce_in_fp32=True,
-    )
-    ddp = DistributedDataParallel(config, ddp_config, model)
-    config.no_sync_func = ddp.no_sync
-    config.finalize_model_grads_func = (
-        finalize_grads_as_sum if sum_gradients else finalize_model_grads
-    )
-    return ddp

@@ -27,6 +27,8 @@ import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from typing import IO
 
+from megatron_longalign.data.conversation import conversation_from_record
+
 __all__ = [
     "STYLES",
     "generate_long_samples",
@@ -569,21 +571,18 @@ def tokenizer_training_text(num_lines: int, seed: int) -> Iterator[str]:
 
 def validate_record(record: dict) -> None:
     """Raise ValueError unless `record` is a well-formed ``{"messages": [...]}`` chat:
-    optional system message, then user/assistant alternating, ending on assistant."""
+    optional system message, then user/assistant alternating, ending on assistant.
+
+    The checks are preprocessing's own (`data.conversation`, which raises `BadSample`, a
+    ValueError); on top of it the records written here use the "messages" schema with
+    the canonical role names only (no ShareGPT keys, no aliases such as "human")."""
     messages = record.get("messages") if isinstance(record, dict) else None
-    if not isinstance(messages, list) or not messages:
-        raise ValueError('record must have a non-empty "messages" list')
-    start = 1 if messages[0].get("role") == "system" else 0
-    if len(messages) == start or (len(messages) - start) % 2:
-        raise ValueError("a chat needs user/assistant pairs after the optional system message")
-    for offset, message in enumerate(messages[start:]):
-        expected = "user" if offset % 2 == 0 else "assistant"
-        if message.get("role") != expected:
-            raise ValueError(f"message {start + offset} should be {expected!r}: {message!r:.80}")
-    for message in messages:
-        content = message.get("content")
-        if not isinstance(content, str) or not content.strip():
-            raise ValueError(f"message content must be a non-empty string: {message!r:.80}")
+    if not isinstance(messages, list):
+        raise ValueError('record must have a "messages" list')
+    conversation = conversation_from_record({"messages": messages})
+    for index, (message, turn) in enumerate(zip(messages, conversation.turns, strict=True)):
+        if message["role"] != turn.role:
+            raise ValueError(f"messages[{index}] role must be {turn.role!r}: {message!r:.80}")
 
 
 def _to_style(record: dict, style: str) -> dict:

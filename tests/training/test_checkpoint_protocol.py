@@ -1,6 +1,6 @@
 """The commit protocol's file operations, `latest` and pruning, and the pre-load
 checks, without processes or megatron (fake checkpoint directories). The resume
-resolution and the integrity checks: tests/training_checkpoint/test_integrity.py."""
+resolution and the integrity checks: tests/training/test_checkpoint_integrity.py."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Train, checkpoint with CheckpointManager, and resume (tests/training_checkpoint).
+"""Train, checkpoint with CheckpointManager, and resume (tests/training/test_checkpoint_manager_resume.py).
 
 --action first: seed, build the tiny GPT (weights seed 7), train steps 1 and 2 saving
     after each, draw from every RNG, train steps 3 and 4 recording losses and the final
@@ -21,7 +21,11 @@ import signal
 from pathlib import Path
 
 import torch
-from ckpt_helpers import (
+
+from megatron_longalign.data.planner import PlanPosition
+from megatron_longalign.training import checkpoint
+from megatron_longalign.training.checkpoint import CheckpointManager, TrainingState
+from tests.helpers.checkpoint_training import (
     build_training,
     full_tensors,
     random_draws,
@@ -30,10 +34,6 @@ from ckpt_helpers import (
     train_step,
     write_rank_result,
 )
-
-from megatron_longalign.data.planner import PlanPosition
-from megatron_longalign.training import checkpoint
-from megatron_longalign.training.checkpoint import CheckpointManager, TrainingState
 
 
 def parse_args() -> argparse.Namespace:

@@ -2,7 +2,7 @@
 2 layers, hidden 64, SwiGLU ffn 128, GQA 4:2, head dim 16), as a ModelConfig.
 
 pytest modules and torchrun workers (the repository root is on their PYTHONPATH, see
-tests/parallel/launch.py `worker_env`) import it as `tests.tiny_model`.
+tests/helpers/launch.py `worker_env`) import it as `tests.helpers.tiny_model`.
 """
 
 from __future__ import annotations

@@ -22,8 +22,8 @@ from megatron_longalign.training.checkpoint import (
     resolve_resume,
 )
 from megatron_longalign.training.validate import config_problems
-from tests.training.workers.common import tiny_training_config
-from tests.training_checkpoint.test_protocol import commit, fake_checkpoint, names
+from tests.helpers.tiny_training import tiny_training_config
+from tests.training.test_checkpoint_protocol import commit, fake_checkpoint, names
 
 STEP = checkpoint.step_dir_name
 
