@@ -1,12 +1,13 @@
 """Training metrics: model FLOPs and MFU, throughput, peak memory, loss by document
-length, and the stable per-step metric dict (names fixed in DESIGN.md "Conventions").
+length, and the stable per-step metric dict (names listed in docs/TRAINING.md "Resume and
+logging" and docs/PERFORMANCE.md; this module owns them).
 
 FLOPs of one training step (forward + backward), over the real documents only:
 
     6 * matmul_params * sum_i L_i  +  6 * n_layers * (n_heads * head_dim) * sum_i L_i^2
 
-`n_heads * head_dim` is `hidden_size` for every supported family (DESIGN.md writes it
-as hidden). The first term is the weight matmuls (2 FLOPs per multiply-add forward,
+`n_heads * head_dim` is `hidden_size` for every supported family (docs/PERFORMANCE.md
+writes it as hidden). The first term is the weight matmuls (2 FLOPs per multiply-add forward,
 twice that backward); the second is causal attention per document: QK^T and AV cost
 2 * d * L^2 each forward without a mask, causality halves that, backward doubles it
 (4 * d * L^2 -> 2 * d * L^2 causal -> x3 for fwd+bwd = 6 * d * L^2 per layer). A pack

@@ -1,5 +1,5 @@
-"""The Trainer's metrics: the DESIGN.md keys every log_interval steps through a
-MetricsLogger, and wandb offline into a temporary directory."""
+"""The Trainer's metrics: the documented keys (training/metrics.py METRIC_KEYS) every
+log_interval steps through a MetricsLogger, and wandb offline into a temporary directory."""
 
 from __future__ import annotations
 
