@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from megatron_longalign.config.errors import ConfigError
+from megatron_longalign.config.errors import ConfigError, raise_if_problems
 from megatron_longalign.config.model import ATTENTION_BACKENDS
 from megatron_longalign.config.training import (
     LR_DECAY_STYLES,
@@ -56,9 +56,7 @@ def validate_config(
 ) -> None:
     """Raise ConfigError listing every problem of `config` for a job of `world_size`
     processes. `check_files=False` skips the checks that read the dataset files."""
-    problems = config_problems(config, world_size, check_files=check_files)
-    if problems:
-        raise ConfigError(problems)
+    raise_if_problems(config_problems(config, world_size, check_files=check_files))
 
 
 def config_problems(
