@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 # The attention kernels (megatron_longalign/model/backends.py); auto picks one.
 ATTENTION_BACKENDS = ("auto", "te", "flash", "flex", "sdpa")
+# How the training loss leaves the last hidden states (model/fused_loss.py).
+LOSS_IMPLS = ("chunked", "standard")
 
 
 @dataclass
@@ -50,6 +52,13 @@ class ModelConfig:
     # never labels). 128 keeps all four families' published vocab sizes unpadded at TP=1.
     make_vocab_size_divisible_by: int = 128
     attention_backend: str = "auto"  # auto | te | flash | flex | sdpa
+    # Output layer + cross entropy in training: chunked (fused, vocabulary-parallel: the
+    # logits of the micro-batch are never held; model/fused_loss.py) | standard
+    # (megatron's output layer, then its vocab-parallel cross entropy on the full logits).
+    loss_impl: str = "chunked"
+    # Tokens per chunk of the chunked loss; null: auto (fp32 chunk logits of about 512 MiB
+    # per TP rank: 4096 tokens for a 32k vocabulary, 1024 for 128k).
+    loss_chunk_tokens: int | None = None
     name: str = "custom"  # for logs only
 
     @property

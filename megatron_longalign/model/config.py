@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from megatron_longalign.config.errors import raise_if_problems
-from megatron_longalign.config.model import ATTENTION_BACKENDS, ModelConfig
+from megatron_longalign.config.model import ATTENTION_BACKENDS, LOSS_IMPLS, ModelConfig
 
 
 def model_problems(
@@ -29,6 +29,12 @@ def model_problems(
         problems.append(
             f"{prefix}attention_backend={model.attention_backend!r}; choose one of "
             f"{ATTENTION_BACKENDS}"
+        )
+    if model.loss_impl not in LOSS_IMPLS:
+        problems.append(f"{prefix}loss_impl={model.loss_impl!r}; choose one of {LOSS_IMPLS}")
+    if model.loss_chunk_tokens is not None and model.loss_chunk_tokens < 1:
+        problems.append(
+            f"{prefix}loss_chunk_tokens must be >= 1 or null (auto), got {model.loss_chunk_tokens}"
         )
     return problems
 

@@ -49,6 +49,7 @@ from megatron_longalign.model.backends import (
     sequence_parallel_problems,
 )
 from megatron_longalign.model.config import to_transformer_config
+from megatron_longalign.model.fused_loss import chunked_linear_cross_entropy
 from megatron_longalign.parallel.context_parallel import context_parallel_token_index
 
 if TYPE_CHECKING:
@@ -102,6 +103,63 @@ class LongAlignGPTModel(GPTModel):
     attention_backend: str = ""
     # The unpadded vocabulary (ModelConfig.vocab_size); columns past it are padding.
     real_vocab_size: int | None = None
+
+    # model.loss_impl and model.loss_chunk_tokens (null: auto).
+    loss_impl: str = "standard"
+    loss_chunk_tokens: int | None = None
+
+    def _postprocess(self, hidden_states: Tensor, labels: Tensor | None = None, **kwargs: Any):
+        """With labels in training, the chunked loss replaces megatron's output layer and
+        cross entropy (model/fused_loss.py): per-token NLL [b, s], never the logits. Logits
+        (no labels), inference and multi-token prediction go through megatron as is.
+        (megatron_compat section 7: megatron calls `_postprocess` with keywords.)"""
+        fused = (
+            self.loss_impl == "chunked"
+            and labels is not None
+            and self.post_process
+            and kwargs.get("inference_context") is None
+            and not kwargs.get("mtp_in_postprocess")
+            and self.config.mtp_num_layers is None
+        )
+        if not fused:
+            return super()._postprocess(hidden_states=hidden_states, labels=labels, **kwargs)
+        return self._chunked_loss(hidden_states, labels)
+
+    def _chunked_loss(self, hidden_states: Tensor, labels: Tensor) -> Tensor:
+        """Per-token NLL [b, s] from hidden states [s(/TP under SP), b, h], with the same
+        TP mapping as megatron's ColumnParallelLinear output layer: the sequence-parallel
+        all-gather (reduce-scatter back), or a copy whose gradient is all-reduced."""
+        from megatron.core.tensor_parallel.mappings import (
+            copy_to_tensor_model_parallel_region,
+            gather_from_sequence_parallel_region,
+        )
+
+        tp = self.pg_collection.tp
+        tp_size = tp.size() if tp is not None else 1
+        if self.config.sequence_parallel and tp_size > 1:
+            hidden_states = gather_from_sequence_parallel_region(
+                hidden_states, tensor_parallel_output_grad=True, group=tp
+            )
+        elif tp_size > 1:
+            hidden_states = copy_to_tensor_model_parallel_region(hidden_states, group=tp)
+        if self.share_embeddings_and_output_weights:
+            weight = self.shared_embedding_or_output_weight()
+        else:
+            weight = self.output_layer.weight
+        seq, batch, hidden = hidden_states.shape
+        local = weight.size(0)
+        vocab_start = (tp.rank() if tp_size > 1 else 0) * local
+        real = self.real_vocab_size if self.real_vocab_size is not None else self.vocab_size
+        nll = chunked_linear_cross_entropy(
+            hidden_states.reshape(seq * batch, hidden),
+            weight,
+            labels.transpose(0, 1).reshape(-1),
+            vocab_start=vocab_start,
+            valid_columns=min(max(real - vocab_start, 0), local),
+            chunk_tokens=self.loss_chunk_tokens,
+            group=tp if tp_size > 1 else None,
+        )
+        return nll.view(seq, batch).transpose(0, 1).contiguous()
 
     def compute_language_model_loss(self, labels: Tensor, logits: Tensor) -> Tensor:
         return super().compute_language_model_loss(labels, self._mask_padded_vocab(logits))
@@ -253,6 +311,8 @@ def build_gpt_model(
         model.rotary_scaling = True
     model.attention_backend = backend
     model.real_vocab_size = model_config.vocab_size
+    model.loss_impl = model_config.loss_impl
+    model.loss_chunk_tokens = model_config.loss_chunk_tokens
     return model
 
 

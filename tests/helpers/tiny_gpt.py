@@ -45,6 +45,8 @@ def parse_args(extra: dict[str, type] | None = None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, required=True, help="directory for rank*.json")
     parser.add_argument("--tp", type=int, default=1)
     parser.add_argument("--pp", type=int, default=1)
+    # model.loss_impl of the model under test (default: the schema's)
+    parser.add_argument("--loss-impl", default=None, choices=("chunked", "standard"))
     for name, kind in (extra or {}).items():
         parser.add_argument(f"--{name}", type=kind, required=True)
     return parser.parse_args()

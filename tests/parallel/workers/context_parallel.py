@@ -69,6 +69,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--cp", type=int, required=True)
     parser.add_argument("--backend", default="sdpa", choices=("sdpa", "flex", "te"))
     parser.add_argument("--forward-only", action="store_true")
+    parser.add_argument("--loss-impl", default=None, choices=("chunked", "standard"))
     return parser.parse_args()
 
 
@@ -221,6 +222,8 @@ def main() -> None:
 
     device = torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu")
     model = build(args.cp, args.backend, device)
+    if args.loss_impl:
+        unwrap(model).loss_impl = args.loss_impl
     result = {mode: run_mode(model, args.cp, mode, device, args.forward_only) for mode in MODES}
     result["cp_rank"] = parallel_state.get_context_parallel_rank()
     write_rank_result(args.out, result)

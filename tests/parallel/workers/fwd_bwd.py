@@ -60,6 +60,8 @@ def main() -> None:
 
     config = tiny_config(calculate_per_token_loss=True)
     model = build_ddp_model(config)
+    if args.loss_impl:
+        unwrap(model).loss_impl = args.loss_impl
     model.zero_grad_buffer()
     reports = get_forward_backward_func()(
         forward_step_func=forward_step,
