@@ -18,6 +18,11 @@ Sections:
    finiteness check, with `is_stub_optimizer` and
    `use_precision_aware_optimizer_no_fp8_or_ds_fp8`.
 
+7. `GPTModel._postprocess` is called by `GPTModel.forward` with keyword arguments
+   (`hidden_states`, `labels`, `inference_context`, `mtp_in_postprocess`, ...):
+   model/gpt.py overrides it by those names to route the training loss through the
+   chunked fused cross entropy. Upgrade check: the call in `GPTModel.forward`.
+
 Layer 0: imports torch and megatron.core, nothing from megatron_longalign but utils.
 """
 

@@ -114,6 +114,8 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         # fp32 accumulation over chunks (one bf16 matmul per chunk would round each sum).
         grad_shard = torch.zeros(shard.shape, dtype=acc, device=weight.device)
         rows = torch.arange(min(chunk_tokens, hidden.size(0)), device=hidden.device)
+        if not valid:  # a shard of padding only: no logit of it depends on anything
+            return torch.zeros_like(hidden), torch.zeros_like(weight), *([None] * 5)
         for start in range(0, hidden.size(0), chunk_tokens):
             end = min(start + chunk_tokens, hidden.size(0))
             h = hidden[start:end]

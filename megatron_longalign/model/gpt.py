@@ -3,7 +3,10 @@ position ids.
 
 Model inputs for one micro-batch (see docs/DATA_PIPELINE.md):
     model(input_ids[1, T], position_ids[1, T], packed_seq_params=..., labels=labels[1, T])
-returns the per-token cross entropy [1, T] (or logits [1, T, V] without labels).
+returns the per-token cross entropy [1, T] (or logits [1, T, V] without labels). With
+`model.loss_impl=chunked` (the default) the training loss never materialises the logits:
+the last hidden states go straight into the chunked, vocabulary-parallel fused linear
+cross entropy (model/fused_loss.py) instead of megatron's output layer and loss.
 `packed_seq_params_from(cu_seqlens, max_seqlen)` builds the PackedSeqParams.
 position_ids must be given on every pipeline stage: every layer applies RoPE.
 
@@ -25,7 +28,8 @@ angles are scattered into exactly those rows (`_place_for_context_parallel`).
 Vocabulary padding. megatron pads the embedding/output vocabulary to a multiple of
 make_vocab_size_divisible_by x TP. Those padded logits would enter the softmax of the
 loss, so the loss would depend on TP and differ from the unpadded (e.g. Hugging Face)
-model. The loss masks them to -inf: only the real vocabulary counts, on every layout.
+model. The standard loss masks them to -inf and the chunked loss never computes them:
+only the real vocabulary counts, on every layout.
 Logits returned without labels keep the padded columns (they are never labels).
 """
 

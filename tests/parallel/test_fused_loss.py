@@ -44,8 +44,17 @@ def _assert_impls_equal(result: dict) -> None:
         (2, ["--vocab", "500", "--tied", "--chunk", "64"]),  # rank 1's shard is part padding
         (2, ["--sp", "--chunk", "7"]),  # sequence parallelism: hidden gathered over TP
         (2, ["--sp", "--vocab", "450", "--tied", "--chunk", "1000"]),  # one chunk
+        (2, ["--vocab", "60", "--chunk", "7"]),  # 128 padded columns: rank 1 holds no real one
     ],
-    ids=["tp1", "tp1-padded-tied", "tp2", "tp2-padded-tied", "tp2-sp", "tp2-sp-padded-tied"],
+    ids=[
+        "tp1",
+        "tp1-padded-tied",
+        "tp2",
+        "tp2-padded-tied",
+        "tp2-sp",
+        "tp2-sp-padded-tied",
+        "tp2-rank-all-padding",
+    ],
 )
 def test_chunked_equals_standard_on_the_output_layer(tmp_path, nproc, args):
     results = _output_layer_results(tmp_path, nproc, args)

@@ -1,0 +1,137 @@
+"""The chunked fused linear cross entropy (model/fused_loss.py) in one process: against
+torch's cross entropy on materialised logits in fp64 (every chunk size, padded columns),
+and through the whole model against `model.loss_impl=standard`. The parallel layouts are
+in tests/parallel/test_fused_loss.py."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from megatron_longalign.model.config import model_problems
+from megatron_longalign.model.fused_loss import auto_chunk_tokens, chunked_linear_cross_entropy
+from megatron_longalign.model.gpt import packed_seq_params_from
+from tests.model.conftest import build, pack, tiny_config
+
+
+def _reference(hidden, weight, labels, valid):
+    """Materialised logits over the real columns, torch's cross entropy."""
+    return F.cross_entropy(hidden @ weight[:valid].t(), labels, reduction="none")
+
+
+@pytest.mark.parametrize("chunk", [1, 5, 37, 1000])
+@pytest.mark.parametrize("valid", [50, 43])
+def test_equals_cross_entropy_on_materialised_logits(chunk, valid):
+    """fp64: exact to rounding. 37 tokens: chunks of 5 leave a remainder; 1000 is one
+    chunk. valid 43 of 50 columns: 7 padded columns never enter the softmax and get a zero
+    gradient (a TP rank whose whole shard is padding: tests/parallel/test_fused_loss.py)."""
+    generator = torch.Generator().manual_seed(chunk * 100 + valid)
+    hidden = torch.randn(37, 16, dtype=torch.float64, generator=generator, requires_grad=True)
+    weight = torch.randn(50, 16, dtype=torch.float64, generator=generator, requires_grad=True)
+    labels = torch.randint(0, valid, (37,), generator=generator)
+    upstream = torch.rand(37, dtype=torch.float64, generator=generator)
+    nll = chunked_linear_cross_entropy(
+        hidden, weight, labels, valid_columns=valid, chunk_tokens=chunk
+    )
+    (nll * upstream).sum().backward()
+    ref_hidden = hidden.detach().clone().requires_grad_()
+    ref_weight = weight.detach().clone().requires_grad_()
+    expected = _reference(ref_hidden, ref_weight, labels, valid)
+    (expected * upstream).sum().backward()
+    exact = {"rtol": 1e-12, "atol": 1e-12}
+    torch.testing.assert_close(nll, expected, **exact)
+    torch.testing.assert_close(hidden.grad, ref_hidden.grad, **exact)
+    torch.testing.assert_close(weight.grad, ref_weight.grad, **exact)
+    assert weight.grad[valid:].abs().sum() == 0  # padded columns
+
+
+def test_lse_is_accumulated_in_fp32_for_bf16_logits():
+    """bf16 hidden and weight: the per-token NLL is fp32 and matches the fp32 cross
+    entropy of the same bf16 logits far better than a bf16 log-sum-exp would."""
+    generator = torch.Generator().manual_seed(3)
+    hidden = torch.randn(64, 32, generator=generator).bfloat16()
+    weight = torch.randn(300, 32, generator=generator).bfloat16()
+    labels = torch.randint(0, 300, (64,), generator=generator)
+    nll = chunked_linear_cross_entropy(hidden, weight, labels, chunk_tokens=16)
+    assert nll.dtype == torch.float32
+    logits = (hidden @ weight.t()).float()  # the bf16 matmul, then fp32
+    expected = F.cross_entropy(logits, labels, reduction="none")
+    torch.testing.assert_close(nll, expected, rtol=1e-5, atol=1e-4)
+    bf16_lse = torch.logsumexp(hidden @ weight.t(), dim=-1).float()  # no fp32 accumulation
+    bf16_error = (bf16_lse - logits.gather(1, labels[:, None])[:, 0] - expected).abs().max()
+    assert (nll - expected).abs().max() < bf16_error
+
+
+def test_auto_chunk_tokens_hand_values():
+    # 512 MiB of fp32 logits: 2^29 / (4 V) tokens, rounded down to a multiple of 256.
+    assert auto_chunk_tokens(32768) == 4096
+    assert auto_chunk_tokens(128256) == 1024  # 1046.5 -> 1024
+    assert auto_chunk_tokens(64128) == 2048  # Llama-3 at TP 2: 2093 -> 2048
+    assert auto_chunk_tokens(10**7) == 256  # never below one multiple
+
+
+def test_bad_arguments_are_named():
+    hidden, weight = torch.zeros(4, 8), torch.zeros(10, 8)
+    with pytest.raises(ValueError, match="valid_columns=11"):
+        chunked_linear_cross_entropy(hidden, weight, torch.zeros(4), valid_columns=11)
+    with pytest.raises(ValueError, match="chunk_tokens must be >= 1"):
+        chunked_linear_cross_entropy(hidden, weight, torch.zeros(4), chunk_tokens=0)
+    with pytest.raises(ValueError, match=r"weight must be \[V_local, 8\]"):
+        chunked_linear_cross_entropy(hidden, torch.zeros(10, 4), torch.zeros(4))
+
+
+def test_config_rules_name_the_fields():
+    problems = model_problems(tiny_config(loss_impl="fused", loss_chunk_tokens=0), prefix="model.")
+    assert any("model.loss_impl='fused'" in p for p in problems)
+    assert any("model.loss_chunk_tokens must be >= 1" in p for p in problems)
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {},
+        # 300 of a padded 384-column vocabulary, tied embeddings, chunks of 5 over 12 tokens
+        {"vocab_size": 300, "make_vocab_size_divisible_by": 128, "tie_word_embeddings": True},
+    ],
+    ids=["plain", "padded-tied"],
+)
+def test_the_model_gives_the_same_loss_and_gradients_with_either_impl(changes):
+    """The whole model, one process: per-token NLL and every parameter's gradient (the
+    output weight or tied embedding, and everything the hidden-state gradient reaches)."""
+    config = tiny_config(loss_chunk_tokens=5, **changes)
+    model = build(config)
+    batch = pack([7, 5], vocab=config.vocab_size)
+    kwargs = dict(
+        position_ids=batch["position_ids"],
+        packed_seq_params=packed_seq_params_from(batch["cu_seqlens"], 7),
+        labels=batch["labels"],
+    )
+    upstream = torch.rand(1, 12, generator=torch.Generator().manual_seed(1))
+    results = {}
+    for impl in ("standard", "chunked"):
+        model.loss_impl = impl
+        model.zero_grad(set_to_none=True)
+        nll = model(batch["tokens"], **kwargs)
+        (nll * upstream).sum().backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        results[impl] = (nll.detach(), grads)
+    (standard, standard_grads), (chunked, chunked_grads) = results["standard"], results["chunked"]
+    assert chunked.shape == standard.shape == (1, 12)
+    torch.testing.assert_close(chunked, standard, rtol=1e-5, atol=1e-5)
+    assert chunked_grads.keys() == standard_grads.keys()
+    for name, grad in standard_grads.items():
+        torch.testing.assert_close(chunked_grads[name], grad, rtol=1e-5, atol=1e-5, msg=name)
+
+
+def test_logits_stay_available_without_labels():
+    """No labels: the model returns megatron's logits [1, T, V] whatever loss_impl is."""
+    model = build(tiny_config())
+    assert model.loss_impl == "chunked"  # the schema's default reaches the model
+    batch = pack([6], vocab=256)
+    logits = model(
+        batch["tokens"],
+        position_ids=batch["position_ids"],
+        packed_seq_params=packed_seq_params_from(batch["cu_seqlens"], 6),
+    )
+    assert logits.shape == (1, 6, 256)
