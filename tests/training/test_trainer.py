@@ -243,7 +243,9 @@ def test_chunked_loss_reproduces_the_standard_trajectory(sample_prefixes, loss_r
 
     standard, chunked = trajectory("standard"), trajectory("chunked")
     assert len(chunked) == len(standard) == 4
-    for (loss, grad_norm, lr), (want_loss, want_norm, want_lr) in zip(chunked, standard):
+    for (loss, grad_norm, lr), (want_loss, want_norm, want_lr) in zip(
+        chunked, standard, strict=True
+    ):
         assert loss == pytest.approx(want_loss, rel=1e-5)
         assert grad_norm == pytest.approx(want_norm, rel=1e-4)
         assert lr == want_lr
