@@ -177,7 +177,8 @@ class LongAlignGPTModel(GPTModel):
         if first_padded >= local:
             return logits
         padded = torch.arange(local, device=logits.device) >= max(first_padded, 0)
-        return logits.masked_fill(padded, float("-inf"))
+        # In place: the output layer's fresh logits are not needed by any backward.
+        return logits.masked_fill_(padded, float("-inf"))
 
     def forward(
         self,
