@@ -4,11 +4,16 @@ step time (megatron_longalign/planning; formulas and measured error in docs/PLAN
     python tools/plan.py --model conf/model/llama3_8b.yaml --seq-length 65536 \\
         --gpus 8 --gpu-memory-gb 80
     python tools/plan.py --model llama2_7b --seq-length 32768 --gpus 16 --nodes 2 --json
+
+The loss memory follows the model's `loss_impl` and `loss_chunk_tokens` (--loss-impl and
+--loss-chunk-tokens override them); every row also says what the chunked loss frees
+against the standard one on that layout.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -27,6 +32,7 @@ Cluster, NoLayoutFits, Plan, recommend = (
     layouts.recommend,
 )
 GB, PROFILES, Workload = memory.GB, memory.PROFILES, memory.Workload
+from megatron_longalign.config.model import LOSS_IMPLS  # noqa: E402 (after the path fix)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -54,6 +60,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--profile", choices=sorted(PROFILES), default="gpu-bf16")
     p.add_argument(
+        "--loss-impl",
+        choices=LOSS_IMPLS,
+        help="model.loss_impl to plan for (default: the model YAML's, chunked unless set)",
+    )
+    p.add_argument(
+        "--loss-chunk-tokens",
+        type=int,
+        help="model.loss_chunk_tokens for the chunked loss (default: the model YAML's; "
+        "null there: auto, about 512 MiB of fp32 chunk logits per TP rank)",
+    )
+    p.add_argument(
         "--no-distributed-optimizer", action="store_true", help="optimizer state unsharded"
     )
     p.add_argument("--top", type=int, default=15, help="rows to print (0: all)")
@@ -78,9 +95,27 @@ def load_model(spec: str):
     return OmegaConf.to_object(merged)
 
 
-def plan_row(plan: Plan, recommended: bool) -> dict:
-    layout = plan.layout
+def loss_comparison(model, plan: Plan, estimate) -> dict:
+    """The plan's loss memory next to the other `loss_impl`'s on the same layout:
+    `estimate(model, layout)` gives a MemoryEstimate. `freed_gb` is what the chunked loss
+    saves per GPU against the standard one (total, busiest stage)."""
+    other_impl = "standard" if model.loss_impl == "chunked" else "chunked"
+    other = estimate(dataclasses.replace(model, loss_impl=other_impl), plan.layout)
+    by_impl = {model.loss_impl: plan.memory, other_impl: other}
+    chunked = by_impl["chunked"]
     return {
+        "impl": model.loss_impl,
+        "chunk_tokens": plan.memory.loss_chunk_tokens,
+        "chunked_chunk_tokens": chunked.loss_chunk_tokens,
+        "logits_gb": {impl: m.logits / GB for impl, m in by_impl.items()},
+        "total_gb": {impl: m.total / GB for impl, m in by_impl.items()},
+        "freed_gb": (by_impl["standard"].total - chunked.total) / GB,
+    }
+
+
+def plan_row(plan: Plan, recommended: bool, loss: dict | None = None) -> dict:
+    layout = plan.layout
+    row = {
         "tp": layout.tp,
         "pp": layout.pp,
         "cp": layout.cp,
@@ -93,26 +128,61 @@ def plan_row(plan: Plan, recommended: bool) -> dict:
         "time_parts_s": plan.time_parts,
         "recommended": recommended,
     }
+    if loss is not None:
+        row["loss"] = loss
+    return row
 
 
 def format_table(rows: list[dict], memory_gb: float) -> str:
     header = (
         f"{'':2}{'TP':>3}{'PP':>4}{'CP':>4}{'DP':>4} {'SP':<3} {'recompute':<10}"
         f"{'weights':>8}{'grads':>7}{'optim':>7}{'activ':>8}{'logits':>7}{'other':>7}"
-        f"{'total':>8}  {'fits':<4}{'step s':>9}"
+        f"{'total':>8}  {'fits':<4}{'step s':>9}{'freed':>7}"
     )
     lines = [header, "-" * len(header)]
     for row in rows:
         gb = row["memory_gb"]
+        freed = row["loss"]["freed_gb"]
         lines.append(
             f"{'*' if row['recommended'] else '':2}{row['tp']:>3}{row['pp']:>4}{row['cp']:>4}"
             f"{row['dp']:>4} {'yes' if row['sequence_parallel'] else 'no':<3} "
             f"{row['recompute']:<10}{gb['weights']:>8.1f}{gb['grads']:>7.1f}"
             f"{gb['optimizer']:>7.1f}{gb['activations']:>8.1f}{gb['logits']:>7.1f}"
             f"{gb['overhead']:>7.1f}{gb['total']:>8.1f}  {'yes' if row['fits'] else 'no':<4}"
-            f"{row['step_time_s']:>9.2f}"
+            f"{row['step_time_s']:>9.2f}{freed:>7.1f}"
         )
-    lines.append(f"memory in GB (1e9 bytes) per GPU of {memory_gb:g} GB; * = recommended")
+    lines.append(
+        f"memory in GB (1e9 bytes) per GPU of {memory_gb:g} GB; * = recommended; "
+        "freed = total with loss_impl=standard - total with loss_impl=chunked"
+    )
+    return "\n".join(lines)
+
+
+def format_loss_summary(model, best: dict, other_best: Plan | None) -> str:
+    """The loss memory of the recommended layout under both `loss_impl`s, and what the
+    other `loss_impl` would recommend."""
+    loss = best["loss"]
+    logits, total = loss["logits_gb"], loss["total_gb"]
+    chunk = loss["chunked_chunk_tokens"]
+    how = "auto" if model.loss_chunk_tokens is None else "loss_chunk_tokens"
+    other_impl = "standard" if model.loss_impl == "chunked" else "chunked"
+    lines = [
+        f"loss: loss_impl={model.loss_impl}; the chunked loss "
+        f"{'uses' if model.loss_impl == 'chunked' else 'would use'} chunks of {chunk} "
+        f"tokens ({how}) on the recommended layout",
+        f"  recommended layout, output layer + loss: chunked {logits['chunked']:.1f} GB, "
+        f"standard {logits['standard']:.1f} GB; total {total['chunked']:.1f} vs "
+        f"{total['standard']:.1f} GB: chunked frees {loss['freed_gb']:.1f} GB per GPU",
+    ]
+    if other_best is None:
+        lines.append(f"  with loss_impl={other_impl} no layout fits")
+    else:
+        layout = other_best.layout
+        lines.append(
+            f"  with loss_impl={other_impl} the recommendation would be {layout.label()}, "
+            f"recompute {layout.recompute}: {other_best.memory.total / GB:.1f} GB, "
+            f"{other_best.step_time_s:.2f} s/step"
+        )
     return "\n".join(lines)
 
 
@@ -120,6 +190,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         model = load_model(args.model)
+        if args.loss_impl is not None:
+            model = dataclasses.replace(model, loss_impl=args.loss_impl)
+        if args.loss_chunk_tokens is not None:
+            model = dataclasses.replace(model, loss_chunk_tokens=args.loss_chunk_tokens)
+        if model.loss_impl not in LOSS_IMPLS:
+            raise ValueError(f"loss_impl={model.loss_impl!r}; choose one of {LOSS_IMPLS}")
+        if model.loss_chunk_tokens is not None and model.loss_chunk_tokens < 1:
+            raise ValueError(f"loss_chunk_tokens must be >= 1, got {model.loss_chunk_tokens}")
         gpus_per_node = args.gpus_per_node
         if args.nodes is not None:
             if args.nodes < 1 or args.gpus % args.nodes:
@@ -135,38 +213,51 @@ def main(argv: list[str] | None = None) -> int:
             mfu=args.mfu,
         )
         overhead = args.overhead_gb * GB if args.overhead_gb is not None else None
-        best, plans = recommend(
-            model,
-            workload,
-            cluster,
-            PROFILES[args.profile],
-            distributed_optimizer=not args.no_distributed_optimizer,
-            overhead_bytes=overhead,
+        options = dict(
+            distributed_optimizer=not args.no_distributed_optimizer, overhead_bytes=overhead
         )
+        profile = PROFILES[args.profile]
+        best, plans = recommend(model, workload, cluster, profile, **options)
     except NoLayoutFits as err:
         print(f"plan: {err}", file=sys.stderr)
         return 1
     except (ValueError, OSError) as err:
         print(f"plan: error: {err}", file=sys.stderr)
         return 2
-    rows = [plan_row(p, p is best) for p in plans]
-    shown = rows if args.top == 0 else rows[: args.top]
+
+    def estimate(variant, layout):
+        return memory.estimate_memory(variant, layout, workload, profile, **options)
+
+    shown_plans = plans if args.top == 0 else plans[: args.top]
+    rows = [plan_row(p, p is best, loss_comparison(model, p, estimate)) for p in shown_plans]
+    other_impl = "standard" if model.loss_impl == "chunked" else "chunked"
+    try:
+        other_model = dataclasses.replace(model, loss_impl=other_impl)
+        other_best, _ = recommend(other_model, workload, cluster, profile, **options)
+    except NoLayoutFits:
+        other_best = None
     if args.json:
         out = {
             "model": model.name,
             "seq_length": args.seq_length,
             "gpus": args.gpus,
             "gpu_memory_gb": args.gpu_memory_gb,
+            "loss_impl": model.loss_impl,
+            "loss_chunk_tokens": model.loss_chunk_tokens,
             "recommended": rows[0],
-            "layouts": shown,
+            "layouts": rows,
+            "recommended_with_" + other_impl: (
+                None if other_best is None else plan_row(other_best, True)
+            ),
         }
         print(json.dumps(out, indent=1))
     else:
         print(
             f"{model.name}: seq {args.seq_length}, global batch {args.global_batch_size} rows, "
-            f"{args.gpus} GPUs ({gpus_per_node}/node), {len(rows)} candidate layouts"
+            f"{args.gpus} GPUs ({gpus_per_node}/node), {len(plans)} candidate layouts"
         )
-        print(format_table(shown, args.gpu_memory_gb))
+        print(format_table(rows, args.gpu_memory_gb))
+        print(format_loss_summary(model, rows[0], other_best))
     return 0
 
 

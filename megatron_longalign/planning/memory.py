@@ -12,10 +12,14 @@ The derivation, the sources and the measured error are in docs/PLANNING.md. In s
 - activations: the tensors autograd keeps per layer and per token (Korthikanti et al.
   2022, section 4, redone for RMSNorm + GQA + SwiGLU + flash attention), times the
   micro-batches that 1F1B keeps in flight on a stage, plus one layer's working set;
-- the last stage also holds the logits of one micro-batch (fp32 softmax saved by
-  megatron's vocab-parallel cross entropy).
+- the last stage also holds the output layer and loss of one micro-batch, after
+  `model.loss_impl`: `standard` holds the logits of the whole micro-batch (and the fp32
+  softmax megatron's vocab-parallel cross entropy saves); `chunked` (model/fused_loss.py)
+  holds the logits of one or two chunks of `model.loss_chunk_tokens` tokens at a time and
+  an fp32 accumulator of the output-weight gradient.
 
-Every number is in bytes; `GB` converts. Nothing here imports torch or megatron.
+Every number is in bytes; `GB` converts. Nothing here imports megatron; the chunked
+loss's automatic chunk size comes from model/fused_loss.py (which imports torch).
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from megatron_longalign.config.model import ModelConfig
+from megatron_longalign.model.fused_loss import auto_chunk_tokens
 
 GB = 1e9  # decimal gigabytes, as GPU memory is sold ("80 GB")
 RECOMPUTE_OPTIONS = ("none", "selective", "full")
@@ -141,11 +146,13 @@ class MemoryEstimate:
     grads: float
     optimizer: float
     activations: float  # saved activations of the in-flight micro-batches + working set
-    logits: float
+    logits: float  # output layer + loss peak (`loss_impl`); 0 unless the last stage
     overhead: float
     stage: int = 0
     parameters: int = 0  # parameters held by this rank
     in_flight: int = 1  # micro-batches whose activations this stage holds
+    loss_impl: str = "standard"  # model.loss_impl the logits term follows
+    loss_chunk_tokens: int | None = None  # chunked: tokens per chunk (auto resolved)
 
     @property
     def total(self) -> float:
@@ -279,12 +286,89 @@ def layer_working_bytes(
 
 def logits_bytes(model: ModelConfig, layout: Layout, workload: Workload, profile: DeviceProfile):
     """Peak of the output layer + megatron's vocab-parallel cross entropy for one
-    micro-batch: logits in the activation dtype plus their fp32 copy (exp'd in place and
-    saved as the softmax). With fp32 activations `.float()` is a no-op: one buffer."""
+    micro-batch (`model.loss_impl=standard`): logits in the activation dtype plus their
+    fp32 copy (exp'd in place and saved as the softmax). With fp32 activations
+    `.float()` is a no-op: one buffer."""
     tokens = _local_tokens(workload, layout)
     vocab = model.padded_vocab_size(layout.tp) / layout.tp
     per_element = 4 + (profile.activation_bytes if profile.activation_bytes != 4 else 0)
     return tokens * vocab * per_element
+
+
+def loss_chunk_tokens(model: ModelConfig, layout: Layout) -> int:
+    """Tokens per chunk of the chunked loss on `layout`: `model.loss_chunk_tokens`, or
+    when null what the model uses, `fused_loss.auto_chunk_tokens` of one TP rank's padded
+    vocabulary (fp32 chunk logits of about 512 MiB: 1024 tokens for Llama-3's 128,256
+    at TP 1, 2048 at TP 2)."""
+    if model.loss_chunk_tokens is not None:
+        return model.loss_chunk_tokens
+    return auto_chunk_tokens(model.padded_vocab_size(layout.tp) // layout.tp)
+
+
+# fp32: the chunked loss accumulates the LSE and the weight gradient in fp32 whatever
+# the logits' dtype (fused_loss._accumulation_dtype; fp64 is for reference tests only).
+_ACCUMULATION_BYTES = 4
+# Per token, kept from the chunked loss's forward to its backward: the LSE (fp32), the
+# local labels (int64) and the label-ownership mask (bool).
+_CHUNKED_SAVED_PER_TOKEN = 4 + 8 + 1
+
+
+def chunked_loss_bytes(
+    model: ModelConfig, layout: Layout, workload: Workload, profile: DeviceProfile
+) -> float:
+    """Peak of model/fused_loss.py's chunked linear cross entropy for one micro-batch on
+    one TP rank (`model.loss_impl=chunked`), read off the code line by line and checked
+    against the profiler (tests/planning/test_memory.py). T = seq/CP tokens (the whole TP
+    group's: sequence parallelism gathers them), V = V_pad/TP, h hidden, chunks of
+    c = min(chunk tokens, T) tokens (n = the second chunk, 0 if there is one), `a` the
+    activation dtype's bytes, `w` the weights', 4 the fp32 accumulation:
+
+    - kept from forward to backward: per-token LSE, labels and mask (13 T), and with
+      sequence parallelism the gathered hidden states (T h a: megatron's output layer
+      keeps its input un-gathered instead);
+    - forward: a chunk's matmul output (a) and its fp32 copy (4); the previous chunk's
+      fp32 logits are still referenced while the next chunk is computed:
+      max(c (a + 4), 4c + n (a + 4)) V, with no separate a-byte output when a = 4;
+    - backward: the hidden-state gradient (T h a) and the fp32 weight-gradient
+      accumulator (4 V h) all along, plus the largest of: recomputing a chunk's logits
+      (as forward, the previous chunk's gradient in `a` bytes still referenced); with
+      a < 4 the weight-gradient GEMM of a chunk, whose [V, h] product in `a` bytes and
+      its fp32 copy exist together (c a V + (a + 4) V h); and at the end the weight
+      gradient in the weights' dtype and its cast from fp32 (2 w V h; w V h when w = 4),
+      the last chunk's gradient still referenced.
+
+    Before the first layer's backward, like the standard logits."""
+    tokens = _local_tokens(workload, layout)
+    vocab = model.padded_vocab_size(layout.tp) / layout.tp
+    hidden = model.hidden_size
+    acc = _ACCUMULATION_BYTES
+    act = profile.activation_bytes
+    low = act if act != acc else 0  # the matmul output before its fp32 copy
+    chunk = min(loss_chunk_tokens(model, layout), tokens)
+    following = min(chunk, tokens - chunk)  # 0 when one chunk covers the micro-batch
+    last = tokens - (math.ceil(tokens / chunk) - 1) * chunk
+    weight = vocab * hidden
+
+    saved = tokens * _CHUNKED_SAVED_PER_TOKEN
+    if layout.sequence_parallel:
+        saved += tokens * hidden * act
+    forward = max(chunk * (low + acc), chunk * acc + following * (low + acc)) * vocab
+    held_grad = low or acc  # a chunk's logits gradient as the loop leaves it
+    recompute = max(chunk * (low + acc), chunk * held_grad + following * (low + acc))
+    phases = [recompute * vocab]
+    if low:
+        phases.append(chunk * low * vocab + (low + acc) * weight)
+    cast = profile.weight_bytes if profile.weight_bytes != acc else 0
+    phases.append(last * held_grad * vocab + (profile.weight_bytes + cast) * weight)
+    backward = tokens * hidden * act + acc * weight + max(phases)
+    return saved + max(forward, backward)
+
+
+def loss_bytes(model: ModelConfig, layout: Layout, workload: Workload, profile: DeviceProfile):
+    """The last stage's output layer + loss peak for `model.loss_impl`."""
+    if model.loss_impl == "chunked":
+        return chunked_loss_bytes(model, layout, workload, profile)
+    return logits_bytes(model, layout, workload, profile)
 
 
 def in_flight_microbatches(layout: Layout, num_microbatches: int, stage: int) -> int:
@@ -325,6 +409,7 @@ def estimate_memory(
     working = layer_working_bytes(model, layout, workload, profile)
     microbatches = num_microbatches(layout, workload)
     overhead = profile.overhead_bytes if overhead_bytes is None else overhead_bytes
+    chunk_tokens = loss_chunk_tokens(model, layout) if model.loss_impl == "chunked" else None
     best: MemoryEstimate | None = None
     for index, params in enumerate(stages):
         in_flight = in_flight_microbatches(layout, microbatches, index)
@@ -336,9 +421,9 @@ def estimate_memory(
             tokens = _local_tokens(workload, layout)
             head = profile.norm_saves * model.hidden_size / sp_div
             stored += tokens * head * profile.activation_bytes
-            logits = logits_bytes(model, layout, workload, profile)
-        # The logits peak (loss forward, first backward op) comes before the first layer
-        # backward: the larger of the two transients counts, not both.
+            logits = loss_bytes(model, layout, workload, profile)
+        # The loss peak (its forward, or its backward, the first) comes before the first
+        # layer backward: the larger of the two transients counts, not both.
         extra_working = max(0.0, working - logits)
         estimate = MemoryEstimate(
             weights=params * profile.weight_bytes,
@@ -350,6 +435,8 @@ def estimate_memory(
             stage=index,
             parameters=params,
             in_flight=in_flight,
+            loss_impl=model.loss_impl,
+            loss_chunk_tokens=chunk_tokens,
         )
         if best is None or estimate.total > best.total:
             best = estimate

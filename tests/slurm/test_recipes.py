@@ -65,18 +65,32 @@ def test_recipe_is_longalign(recipe):
 def test_recipe_variants():
     packed = compose_config("+experiment=train_64k")
     # A world size it does not fit is refused (the TE filter hides nothing else): 12 GPUs
-    # = DP 3 for TP 2 x CP 2, and 8 packs do not split over 3 ranks.
-    assert any("global_batch_size" in p for p in problems(packed, 12))
+    # are not a multiple of TP 8; 24 = DP 3, and 8 packs do not split over 3 ranks.
+    assert any("world size 12" in p for p in problems(packed, 12))
+    assert any("global_batch_size" in p for p in problems(packed, 24))
     assert packed.data.batching == "packed" and packed.data.seq_length == 65536
-    assert (packed.parallel.tensor_model_parallel_size, packed.parallel.context_parallel_size) == (
-        2,
-        2,
-    )
-    assert packed.train.recompute.granularity == "full"
+    # The planner's layout with the chunked loss (docs/PLANNING.md): TP 8 + SP, no
+    # recompute; padded to TP x CP = 8.
+    parallel = packed.parallel
+    assert (
+        parallel.tensor_model_parallel_size,
+        parallel.pipeline_model_parallel_size,
+        parallel.context_parallel_size,
+    ) == (8, 1, 1)
+    assert packed.train.recompute.granularity is None
+    assert packed.data.pad_to_multiple_of == 8
+    assert packed.model.loss_impl == "chunked"  # what the planner counted
     sorted_ = compose_config("+experiment=train_64k_sorted")
     assert sorted_.data.batching == "sorted"
     assert sorted_.parallel == packed.parallel and sorted_.optim == packed.optim
+    assert sorted_.train.recompute == packed.train.recompute
     long = compose_config("+experiment=train_128k")
-    assert long.data.seq_length == 131072 and long.parallel.context_parallel_size == 4
+    assert long.data.seq_length == 131072
+    assert (long.parallel.tensor_model_parallel_size, long.parallel.context_parallel_size) == (
+        2,
+        4,
+    )
+    recompute = long.train.recompute
+    assert (recompute.granularity, recompute.method, recompute.num_layers) == ("full", "uniform", 1)
     assert long.data.pad_to_multiple_of == 8
     assert long.model == packed.model  # RoPE unchanged: Llama-3.1-8B covers 128k
