@@ -94,6 +94,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
                 local_max[start:end] = row_max
                 # In place: one chunk-sized buffer (two when the logits are not fp32).
                 local_sum[start:end] = logits.sub_(row_max[:, None]).exp_().sum(dim=-1)
+                del logits  # before the next chunk's logits exist: one chunk at a time
         global_max = _all_reduce(local_max.clone(), torch.distributed.ReduceOp.MAX, group)
         sum_exp = local_sum * torch.exp(local_max - global_max)
         _all_reduce(sum_exp, torch.distributed.ReduceOp.SUM, group)
@@ -107,15 +108,18 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     def backward(ctx: Any, grad_nll: Tensor) -> tuple[Tensor | None, ...]:
         hidden, weight, local_labels, owned, lse = ctx.saved_tensors
         valid, chunk_tokens = ctx.valid_columns, ctx.chunk_tokens
+        grad_weight = torch.zeros_like(weight)
+        if not valid:  # a shard of padding only: no logit of it depends on anything
+            return torch.zeros_like(hidden), grad_weight, *([None] * 5)
         shard = weight[:valid]
         acc = _accumulation_dtype(hidden)
         grad_nll = grad_nll.to(acc)
         grad_hidden = torch.empty_like(hidden)
-        # fp32 accumulation over chunks (one bf16 matmul per chunk would round each sum).
-        grad_shard = torch.zeros(shard.shape, dtype=acc, device=weight.device)
+        # The weight gradient sums over every chunk: in fp32 (into the gradient itself
+        # when the weight is fp32), never rounded to bf16 chunk by chunk.
+        in_place = weight.dtype == acc and hidden.dtype == acc
+        grad_shard = grad_weight[:valid] if in_place else torch.zeros_like(shard, dtype=acc)
         rows = torch.arange(min(chunk_tokens, hidden.size(0)), device=hidden.device)
-        if not valid:  # a shard of padding only: no logit of it depends on anything
-            return torch.zeros_like(hidden), torch.zeros_like(weight), *([None] * 5)
         for start in range(0, hidden.size(0), chunk_tokens):
             end = min(start + chunk_tokens, hidden.size(0))
             h = hidden[start:end]
@@ -125,14 +129,26 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             g_owned = torch.where(owned[start:end], grad_nll[start:end], 0.0)
             grad_logits[rows[: end - start], local_labels[start:end]] -= g_owned
             grad_logits = grad_logits.to(hidden.dtype)
-            grad_hidden[start:end] = grad_logits @ shard
-            if grad_logits.dtype == acc:
+            torch.mm(grad_logits, shard, out=grad_hidden[start:end])  # no [c, h] temporary
+            if in_place:
                 grad_shard.addmm_(grad_logits.t(), h)
-            else:  # the low-precision GEMM accumulates in fp32; the chunk sums add in fp32
-                grad_shard += (grad_logits.t() @ h).to(acc)
-        grad_weight = torch.zeros_like(weight)
-        grad_weight[:valid] = grad_shard.to(weight.dtype)
+            else:
+                _add_low_precision_product(grad_shard, grad_logits, h)
+            del grad_logits  # before the next chunk's logits exist: one chunk at a time
+        if not in_place:
+            grad_weight[:valid].copy_(grad_shard)
         return grad_hidden, grad_weight, None, None, None, None, None
+
+
+def _add_low_precision_product(accumulator: Tensor, grad_logits: Tensor, hidden: Tensor) -> None:
+    """accumulator [V, H] (fp32) += grad_logits[n, V].T @ hidden[n, H], with the GEMM in
+    the inputs' (bf16) precision, in blocks of vocabulary rows: the bf16 product and its
+    fp32 copy are block-sized, at most a chunk's fp32 logits, never [V, H]."""
+    vocab, width = accumulator.shape
+    rows = max(1, 2 * grad_logits.size(0) * vocab // (3 * width))
+    for first in range(0, vocab, rows):
+        last = min(first + rows, vocab)
+        accumulator[first:last] += (grad_logits[:, first:last].t() @ hidden).to(accumulator.dtype)
 
 
 def chunked_linear_cross_entropy(

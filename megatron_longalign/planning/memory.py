@@ -318,24 +318,21 @@ def chunked_loss_bytes(
 ) -> float:
     """Peak of model/fused_loss.py's chunked linear cross entropy for one micro-batch on
     one TP rank (`model.loss_impl=chunked`), read off the code line by line and checked
-    against the profiler (tests/planning/test_memory.py). T = seq/CP tokens (the whole TP
-    group's: sequence parallelism gathers them), V = V_pad/TP, h hidden, chunks of
-    c = min(chunk tokens, T) tokens (n = the second chunk, 0 if there is one), `a` the
-    activation dtype's bytes, `w` the weights', 4 the fp32 accumulation:
+    against the profiler (tests/planning/test_loss_memory.py). T = seq/CP tokens (the
+    whole TP group's: sequence parallelism gathers them), V = V_pad/TP, h hidden, chunks
+    of c = min(chunk tokens, T) tokens, `a` the activation dtype's bytes, `w` the
+    weights', 4 the fp32 accumulation, `low` = a when a < 4 (a matmul output before its
+    fp32 copy), else 0. One chunk's buffers exist at a time:
 
     - kept from forward to backward: per-token LSE, labels and mask (13 T), and with
       sequence parallelism the gathered hidden states (T h a: megatron's output layer
       keeps its input un-gathered instead);
-    - forward: a chunk's matmul output (a) and its fp32 copy (4); the previous chunk's
-      fp32 logits are still referenced while the next chunk is computed:
-      max(c (a + 4), 4c + n (a + 4)) V, with no separate a-byte output when a = 4;
-    - backward: the hidden-state gradient (T h a) and the fp32 weight-gradient
-      accumulator (4 V h) all along, plus the largest of: recomputing a chunk's logits
-      (as forward, the previous chunk's gradient in `a` bytes still referenced); with
-      a < 4 the weight-gradient GEMM of a chunk, whose [V, h] product in `a` bytes and
-      its fp32 copy exist together (c a V + (a + 4) V h); and at the end the weight
-      gradient in the weights' dtype and its cast from fp32 (2 w V h; w V h when w = 4),
-      the last chunk's gradient still referenced.
+    - forward: a chunk's matmul output and its fp32 copy, c (low + 4) V;
+    - backward: the weight gradient (w V h), the hidden-state gradient (T h a) and, unless
+      everything is fp32 (then it accumulates in the gradient itself), an fp32
+      accumulator (4 V h) all along; plus the larger of a chunk's logits and their fp32
+      gradient, c (low + 4) V, and, with low < 4, the chunk's gradient in `a` bytes with
+      one block of the weight-gradient GEMM (rows of 2 c V / 3 h, in `a` bytes and fp32).
 
     Before the first layer's backward, like the standard logits."""
     tokens = _local_tokens(workload, layout)
@@ -343,25 +340,21 @@ def chunked_loss_bytes(
     hidden = model.hidden_size
     acc = _ACCUMULATION_BYTES
     act = profile.activation_bytes
-    low = act if act != acc else 0  # the matmul output before its fp32 copy
+    low = act if act != acc else 0
     chunk = min(loss_chunk_tokens(model, layout), tokens)
-    following = min(chunk, tokens - chunk)  # 0 when one chunk covers the micro-batch
-    last = tokens - (math.ceil(tokens / chunk) - 1) * chunk
     weight = vocab * hidden
 
     saved = tokens * _CHUNKED_SAVED_PER_TOKEN
     if layout.sequence_parallel:
         saved += tokens * hidden * act
-    forward = max(chunk * (low + acc), chunk * acc + following * (low + acc)) * vocab
-    held_grad = low or acc  # a chunk's logits gradient as the loop leaves it
-    recompute = max(chunk * (low + acc), chunk * held_grad + following * (low + acc))
-    phases = [recompute * vocab]
+    forward = chunk * (low + acc) * vocab
+    all_fp32 = act == acc and profile.weight_bytes == acc
+    kept = profile.weight_bytes * weight + tokens * hidden * act + (0 if all_fp32 else acc * weight)
+    phases = [chunk * (low + acc) * vocab]
     if low:
-        phases.append(chunk * low * vocab + (low + acc) * weight)
-    cast = profile.weight_bytes if profile.weight_bytes != acc else 0
-    phases.append(last * held_grad * vocab + (profile.weight_bytes + cast) * weight)
-    backward = tokens * hidden * act + acc * weight + max(phases)
-    return saved + max(forward, backward)
+        block_rows = min(vocab, max(1, 2 * chunk * vocab // (3 * hidden)))
+        phases.append(chunk * low * vocab + block_rows * hidden * (low + acc))
+    return saved + max(forward, kept + max(phases))
 
 
 def loss_bytes(model: ModelConfig, layout: Layout, workload: Workload, profile: DeviceProfile):

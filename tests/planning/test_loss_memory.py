@@ -1,6 +1,6 @@
 """The planner's output layer + loss term under model.loss_impl: `standard` (the whole
-micro-batch's logits, unchanged) and `chunked` (model/fused_loss.py: one or two chunks of
-logits and the fp32 output-weight gradient accumulator), written out by hand here and
+micro-batch's logits, unchanged) and `chunked` (model/fused_loss.py: one chunk of logits
+at a time and the fp32 output-weight gradient accumulator), written out by hand here and
 checked against the profiler's record of the real chunked loss on CPU."""
 
 from __future__ import annotations
@@ -32,21 +32,18 @@ def test_chunked_term_by_hand_bf16_tp1():
     T, V, h, c = 4096, 2048, 64, 1024  # 4 chunks of 1024 tokens
     # Kept from forward to backward: LSE fp32 + labels int64 + ownership mask bool.
     saved = T * (4 + 8 + 1)
-    # Forward: the previous chunk's fp32 logits + the next chunk's bf16 matmul output
-    # and its fp32 copy.
-    forward = (c * 4 + c * (2 + 4)) * V
-    # Backward: hidden-state gradient (bf16) + fp32 weight-gradient accumulator, plus the
-    # largest of: previous chunk's bf16 gradient + a recomputed chunk (bf16 + fp32)
-    # [8 c V]; a chunk's bf16 gradient + the [V, h] product in bf16 and in fp32
-    # [2 c V + 6 V h]; the last chunk's bf16 gradient + the bf16 weight gradient and its
-    # cast [2 c V + 4 V h].
-    recompute = (c * 2 + c * (2 + 4)) * V
-    product = c * 2 * V + (2 + 4) * V * h
-    end = c * 2 * V + (2 + 2) * V * h
-    backward = T * h * 2 + 4 * V * h + max(recompute, product, end)
-    assert backward == 524_288 + 524_288 + 16_777_216
-    assert forward == 20_971_520 > backward
-    assert est.logits == saved + forward == 21_024_768
+    # Forward, one chunk at a time: its bf16 matmul output and the fp32 copy.
+    forward = c * (2 + 4) * V
+    # Backward: the bf16 weight gradient, the bf16 hidden-state gradient and the fp32
+    # weight-gradient accumulator all along; plus the larger of a chunk's logits (bf16
+    # matmul + fp32) and the chunk's bf16 gradient with one block of the weight GEMM:
+    # 2 c V / 3 h = 21845 rows > V, so one block of all V rows, in bf16 and fp32.
+    kept = 2 * V * h + T * h * 2 + 4 * V * h
+    block = c * 2 * V + V * h * (2 + 4)
+    backward = kept + max(c * (2 + 4) * V, block)
+    assert backward == 1_310_720 + 12_582_912
+    assert forward == 12_582_912 < backward
+    assert est.logits == saved + backward == 13_946_880
     assert est.loss_impl == "chunked" and est.loss_chunk_tokens == 1024
 
 
@@ -56,14 +53,13 @@ def test_chunked_term_by_hand_fp32_tp2_sp_cp2_uneven_chunks():
     est = estimate_memory(model, layout, Workload(8192, 1), CPU_FP32)
     # T = 8192 / CP 2 = 4096 tokens (all of the TP group's: SP gathers them), V = 2048 /
     # TP 2 = 1024 per rank; chunks of 1536, 1536 and 1024 tokens. fp32: no separate
-    # matmul output, `.to(fp32)` is the same tensor.
-    T, V, h, c, last = 4096, 1024, 64, 1536, 1024
+    # matmul output (`.to(fp32)` is the same tensor), and the weight gradient accumulates
+    # in place (no fp32 accumulator next to it).
+    T, V, h, c = 4096, 1024, 64, 1536
     saved = T * (4 + 8 + 1) + T * h * 4  # + the SP-gathered hidden states
-    forward = (c * 4 + c * 4) * V
-    recompute = (c * 4 + c * 4) * V  # the previous chunk's gradient + the next chunk
-    end = last * 4 * V + 4 * V * h  # the last chunk + the fp32 weight gradient (no cast)
-    backward = T * h * 4 + 4 * V * h + max(recompute, end)
-    assert est.logits == saved + max(forward, backward) == 53_248 + 1_048_576 + 13_893_632
+    forward = c * 4 * V
+    backward = 4 * V * h + T * h * 4 + c * 4 * V
+    assert est.logits == saved + max(forward, backward) == 1_101_824 + 7_602_176
 
 
 def test_standard_term_unchanged():
@@ -100,12 +96,13 @@ def test_loss_chunk_tokens_overrides_auto():
     auto, override = (estimate_memory(m, Layout(), work) for m in (model, fixed))
     assert (auto.loss_chunk_tokens, override.loss_chunk_tokens) == (1024, 4096)
     # Bigger chunks: more logits held. T = 65536, V = 128256 at TP 1, h = 4096, chunks
-    # of c = 4096: the backward (hidden-state gradient, fp32 accumulator, then 8 c V for
-    # a recomputed chunk = 2 c V + 6 V h for the weight GEMM) is above the forward's
-    # 10 c V.
+    # of c = 4096: the backward (bf16 weight gradient, bf16 hidden-state gradient, fp32
+    # accumulator, then a chunk's 6 c V, or its bf16 gradient 2 c V plus a weight-GEMM
+    # block of 2 c V / 3 h rows in bf16 and fp32) is above the forward's 6 c V.
     T, V, h, c = 65536, 128_256, 4096, 4096
-    backward = T * h * 2 + 4 * V * h + max(8 * c * V, 2 * c * V + 6 * V * h)
-    assert backward > 10 * c * V
+    rows = 2 * c * V // (3 * h)
+    backward = 2 * V * h + T * h * 2 + 4 * V * h + max(6 * c * V, 2 * c * V + rows * h * 6)
+    assert backward > 6 * c * V
     assert override.logits == T * 13 + backward
     assert override.logits > auto.logits
 
