@@ -15,8 +15,8 @@ The derivation, the sources and the measured error are in docs/PLANNING.md. In s
 - the last stage also holds the output layer and loss of one micro-batch, after
   `model.loss_impl`: `standard` holds the logits of the whole micro-batch (and the fp32
   softmax megatron's vocab-parallel cross entropy saves); `chunked` (model/fused_loss.py)
-  holds the logits of one or two chunks of `model.loss_chunk_tokens` tokens at a time and
-  an fp32 accumulator of the output-weight gradient.
+  holds the logits of one chunk of `model.loss_chunk_tokens` tokens at a time and an
+  fp32 accumulator of the output-weight gradient.
 
 Every number is in bytes; `GB` converts. Nothing here imports megatron; the chunked
 loss's automatic chunk size comes from model/fused_loss.py (which imports torch).

@@ -163,7 +163,7 @@ def _profiled_peak_bytes(fn) -> int:
         ("float32", CPU_FP32, 2048, 256, 512),
         ("bfloat16", GPU_BF16, 2048, 256, 512),
         ("bfloat16", GPU_BF16, 1500, 256, 512),  # chunks of 512, 512, 476
-        ("bfloat16", GPU_BF16, 1024, 1024, 256),  # the [V, h] weight-gradient GEMM dominates
+        ("bfloat16", GPU_BF16, 1024, 1024, 256),  # the kept [V, h] gradients dominate
     ],
 )
 def test_chunked_term_matches_the_profiled_fused_loss(dtype, profile, tokens, hidden, chunk):
