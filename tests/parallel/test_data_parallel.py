@@ -35,9 +35,12 @@ def runs(tmp_path_factory) -> dict[int, list[dict]]:
 # relative); any scaling mistake (a factor of DP, micro-batches or tokens) is >= 2x.
 STEP_RTOL = 1e-5
 # Final weights after 3 Adam steps at lr 1e-2: Adam normalises each element's update,
-# so elements whose gradient is ~0 turn fp32 rounding noise into ~1e-5 differences. A
-# shard the distributed optimizer failed to update or gather would be off by ~lr.
-PARAM_ATOL = 1e-4
+# so an element whose gradient is fp32 rounding noise (|g| ~ 1e-10, its sign differing
+# between the runs) moves by lr |g| / (|g| + eps) ~ 1e-4 per step, eps = 1e-8: 1.6e-4
+# seen with the chunked loss, 1.8e-5 with the standard one (the noise differs, not the
+# gradient: losses and grad norms above agree to 1e-5). A shard the distributed
+# optimizer failed to update or gather would be off by ~lr = 1e-2 per step.
+PARAM_ATOL = 1e-3
 
 
 @pytest.mark.parametrize("mode", ["mean", "sum"])
