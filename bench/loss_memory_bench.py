@@ -476,7 +476,7 @@ def main() -> int:
         help="pad the vocabulary to a multiple of this (megatron: 128 x TP; 1024 = TP 8)",
     )
     parser.add_argument(
-        "--chunk-tokens", type=int, default=None, help="default: auto_chunk_tokens (512 MiB)"
+        "--chunk-tokens", type=int, default=None, help="default: auto_chunk_tokens (256 MiB)"
     )
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument(

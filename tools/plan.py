@@ -68,7 +68,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--loss-chunk-tokens",
         type=int,
         help="model.loss_chunk_tokens for the chunked loss (default: the model YAML's; "
-        "null there: auto, about 512 MiB of fp32 chunk logits per TP rank)",
+        "null there: auto, about 256 MiB of fp32 chunk logits per TP rank)",
     )
     p.add_argument(
         "--no-distributed-optimizer", action="store_true", help="optimizer state unsharded"

@@ -56,8 +56,8 @@ class ModelConfig:
     # logits of the micro-batch are never held; model/fused_loss.py) | standard
     # (megatron's output layer, then its vocab-parallel cross entropy on the full logits).
     loss_impl: str = "chunked"
-    # Tokens per chunk of the chunked loss; null: auto (fp32 chunk logits of about 512 MiB
-    # per TP rank: 4096 tokens for a 32k vocabulary, 1024 for 128k).
+    # Tokens per chunk of the chunked loss; null: auto (fp32 chunk logits of about 256 MiB
+    # per TP rank: 2048 tokens for a 32k vocabulary, 512 for 128k).
     loss_chunk_tokens: int | None = None
     name: str = "custom"  # for logs only
 

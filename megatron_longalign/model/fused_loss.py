@@ -35,7 +35,7 @@ import torch
 from torch import Tensor
 
 # fp32 logits of one chunk, on one TP rank, that `auto_chunk_tokens` aims for.
-AUTO_CHUNK_BYTES = 512 * 2**20
+AUTO_CHUNK_BYTES = 256 * 2**20
 AUTO_CHUNK_MULTIPLE = 256
 
 __all__ = ["auto_chunk_tokens", "chunked_linear_cross_entropy"]
@@ -43,8 +43,12 @@ __all__ = ["auto_chunk_tokens", "chunked_linear_cross_entropy"]
 
 def auto_chunk_tokens(vocab_per_rank: int, budget_bytes: int = AUTO_CHUNK_BYTES) -> int:
     """Tokens per chunk when `model.loss_chunk_tokens` is null: the most whose fp32 logits
-    on one TP rank fit `budget_bytes` (512 MiB), in multiples of 256 tokens, at least 256.
-    E.g. 4096 tokens for a 32k vocabulary, 1024 for Llama-3's 128k (TP 1)."""
+    on one TP rank fit `budget_bytes` (256 MiB), in multiples of 256 tokens, at least 256.
+    E.g. 2048 tokens for a 32k vocabulary, 512 for Llama-3's 128k (TP 1). Why 256 MiB:
+    the working memory (one chunk) is then at most 1/8 of the full-logits path's for any
+    vocabulary once a rank holds 8k tokens, and 1/32 at Llama-3's vocabulary (fp32: c/2T,
+    docs/PERFORMANCE.md), while a chunk's GEMM (c x h x V/TP) is still large enough to
+    run at the matmul's full rate."""
     tokens = budget_bytes // (4 * max(vocab_per_rank, 1))
     return max(AUTO_CHUNK_MULTIPLE, tokens // AUTO_CHUNK_MULTIPLE * AUTO_CHUNK_MULTIPLE)
 

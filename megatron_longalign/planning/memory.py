@@ -298,8 +298,8 @@ def logits_bytes(model: ModelConfig, layout: Layout, workload: Workload, profile
 def loss_chunk_tokens(model: ModelConfig, layout: Layout) -> int:
     """Tokens per chunk of the chunked loss on `layout`: `model.loss_chunk_tokens`, or
     when null what the model uses, `fused_loss.auto_chunk_tokens` of one TP rank's padded
-    vocabulary (fp32 chunk logits of about 512 MiB: 1024 tokens for Llama-3's 128,256
-    at TP 1, 2048 at TP 2)."""
+    vocabulary (fp32 chunk logits of about 256 MiB: 512 tokens for Llama-3's 128,256
+    at TP 1, 1024 at TP 2)."""
     if model.loss_chunk_tokens is not None:
         return model.loss_chunk_tokens
     return auto_chunk_tokens(model.padded_vocab_size(layout.tp) // layout.tp)

@@ -64,10 +64,10 @@ def test_lse_is_accumulated_in_fp32_for_bf16_logits():
 
 
 def test_auto_chunk_tokens_hand_values():
-    # 512 MiB of fp32 logits: 2^29 / (4 V) tokens, rounded down to a multiple of 256.
-    assert auto_chunk_tokens(32768) == 4096
-    assert auto_chunk_tokens(128256) == 1024  # 1046.5 -> 1024
-    assert auto_chunk_tokens(64128) == 2048  # Llama-3 at TP 2: 2093 -> 2048
+    # 256 MiB of fp32 logits: 2^28 / (4 V) tokens, rounded down to a multiple of 256.
+    assert auto_chunk_tokens(32768) == 2048
+    assert auto_chunk_tokens(128256) == 512  # 523.2 -> 512
+    assert auto_chunk_tokens(64128) == 1024  # Llama-3 at TP 2: 1046.5 -> 1024
     assert auto_chunk_tokens(10**7) == 256  # never below one multiple
 
 
