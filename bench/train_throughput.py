@@ -298,15 +298,23 @@ def device_peak(trainer: Any) -> tuple[str | None, float | None]:
 
 
 def sweep_case(
-    profile: Profile, workdir: Path, seq_length: int, backend: str, steps: int, warmup: int
+    profile: Profile,
+    workdir: Path,
+    seq_length: int,
+    backend: str,
+    steps: int,
+    warmup: int,
+    scoring_steps: int = 0,
 ) -> dict[str, Any]:
-    """Packed batching at one pack length and backend: warmup steps, then `steps` timed."""
+    """Packed batching at one pack length and backend: warmup steps, then `steps` timed,
+    with the peak memory against the planner's; then `scoring_steps` forward-only
+    batches (`scoring_case`)."""
     from megatron_longalign.training.trainer import Trainer
 
     prefix = str(workdir / f"sweep_{seq_length}")
     if not Path(prefix + ".json").exists():
         # Enough samples for every step's packs, with 50% to spare (packs are not full).
-        budget = 1.5 * (steps + warmup) * profile.packs_per_step * seq_length
+        budget = 1.5 * (steps + warmup + scoring_steps + 1) * profile.packs_per_step * seq_length
         n = samples_for(int(budget), seq_length, profile.min_length)
         lengths = longalign_lengths(n, seq_length, profile.min_length, seed=seq_length)
         write_random_dataset(prefix, lengths, profile.model["vocab_size"], seed=seq_length)
@@ -316,14 +324,16 @@ def sweep_case(
         seq_length,
         backend,
         global_batch_size=profile.packs_per_step,
-        max_steps=steps + warmup,
+        max_steps=steps + warmup + scoring_steps + 1,
     )
+    memory = MemoryMeter()
     trainer = Trainer(config)
     lengths = trainer.data.planner.lengths
     batches: Iterator[Any] = trainer.batches()  # max_steps mode: epochs repeat as needed
     meter, ignored = Measured(), Measured()
     for i in range(warmup + steps):
         timed_step(trainer, next(batches), ignored if i < warmup else meter, lengths)
+    peak_bytes = memory.peak_above_start()
     device, peak = device_peak(trainer)
     row = {
         "seq_length": seq_length,
@@ -333,9 +343,95 @@ def sweep_case(
         "device": device,
         "dtype": str(trainer.dtype).replace("torch.", ""),
         **meter.row(peak),
+        **memory_row(profile, config, seq_length, peak_bytes),
     }
+    if scoring_steps:
+        row["scoring"] = scoring_case(trainer, batches, scoring_steps, lengths).row(peak)
     free_trainer(trainer)
     return row
+
+
+class MemoryMeter:
+    """Peak device memory from construction on: torch's CUDA allocator statistics (what
+    tensors held, not the CUDA context or the allocator's cache). None on CPU, where RSS
+    would mostly measure this process's other cases (bench/memory_estimate_check.py is
+    the CPU check)."""
+
+    def __init__(self) -> None:
+        import torch
+
+        self.cuda = torch.cuda.is_available()
+        if self.cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self.start = torch.cuda.memory_allocated()
+
+    def peak_above_start(self) -> int | None:
+        import torch
+
+        if not self.cuda:
+            return None
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - self.start
+
+
+def memory_row(
+    profile: Profile, config: Any, seq_length: int, peak_bytes: int | None
+) -> dict[str, Any]:
+    """The measured peak next to planning.memory's estimate for the same layout (one
+    GPU, this recompute, packs of `seq_length`, one document filling each: the planner's
+    worst case for attention), without the planner's fixed overhead, which stands for
+    what torch's statistics do not count (context, NCCL and allocator cache)."""
+    from megatron_longalign.planning.memory import GB, GPU_BF16, Layout, Workload, estimate_memory
+
+    if peak_bytes is None:
+        return {"peak_memory_gb": None, "planned_memory_gb": None}
+    layout = Layout(recompute=profile.recompute or "none")
+    workload = Workload(seq_length, global_batch_size=profile.packs_per_step)
+    estimate = estimate_memory(config.model, layout, workload, GPU_BF16, overhead_bytes=0.0)
+    return {
+        "peak_memory_gb": peak_bytes / GB,
+        "planned_memory_gb": estimate.total / GB,
+        "planned_parts_gb": estimate.as_gb(),
+    }
+
+
+def scoring_case(trainer: Any, batches: Iterator[Any], steps: int, lengths: np.ndarray) -> Measured:
+    """Forward-only per-token NLL over `steps` global batches, in eval mode without
+    autograd: the work of scoring samples with one model (GATEAU's homologous-model
+    scores run this once per model). FLOPs are a third of training's (no backward)."""
+    import torch
+
+    from megatron_longalign.model import model_inputs
+    from megatron_longalign.training.metrics import (
+        StepTimer,
+        batch_document_lengths,
+        training_flops,
+    )
+
+    meter = Measured()
+    model = trainer.model[0]
+    model.eval()
+    try:
+        for i in range(steps + 1):  # the first is a warm-up (eval-mode kernels, shapes)
+            batch = next(batches)
+            micro_batches = trainer.data.micro_batches(batch)
+            with StepTimer() as timer, torch.no_grad():
+                for micro_batch in micro_batches:
+                    nll = model(**model_inputs(micro_batch, trainer.device))
+                    if not torch.isfinite(nll).all():
+                        raise RuntimeError("scoring produced a non-finite NLL")
+            if i == 0:
+                continue
+            meter.steps += 1
+            meter.seconds += timer.elapsed
+            meter.real_tokens += batch.real_tokens
+            meter.computed_tokens += computed_tokens(batch, lengths)
+            docs = batch_document_lengths(batch, lengths)
+            meter.flops += training_flops(trainer.config.model, docs) / 3
+    finally:
+        model.train()
+    return meter
 
 
 def batching_comparison(profile: Profile, workdir: Path, warmup: int) -> dict[str, Any]:
@@ -432,15 +528,22 @@ def print_report(report: dict[str, Any]) -> None:
     if report["note"]:
         print(f"NOTE: {report['note']}")
     print("\npacked throughput per (seq_length, backend)")
-    print(f"{'seq_len':>8} {'backend':>8} {'tokens/s':>12} {'TFLOP/s':>9} {'MFU':>7} {'step s':>8}")
+    print(
+        f"{'seq_len':>8} {'backend':>8} {'tokens/s':>12} {'TFLOP/s':>9} {'MFU':>7} "
+        f"{'step s':>8} {'peak GB':>8} {'plan GB':>8} {'score tok/s':>12} {'score MFU':>9}"
+    )
     for row in report["sweep"]:
         if row["status"] != "ok":
             print(f"{row['seq_length']:>8} {row['backend']:>8}  skipped: {row['reason']}")
             continue
-        mfu = row["mfu"]
+        scoring = row.get("scoring") or {}
         print(
             f"{row['seq_length']:>8} {row['backend']:>8} {row['tokens_per_sec']:>12,.0f} "
-            f"{row['tflops_per_gpu']:>9.3f} {_fmt(mfu, '.1f%'):>7} {row['step_time_s']:>8.3f}"
+            f"{row['tflops_per_gpu']:>9.3f} {_fmt(row['mfu'], '.1%'):>7} "
+            f"{row['step_time_s']:>8.3f} {_fmt(row.get('peak_memory_gb'), '.2f'):>8} "
+            f"{_fmt(row.get('planned_memory_gb'), '.2f'):>8} "
+            f"{_fmt(scoring.get('tokens_per_sec'), ',.0f'):>12} "
+            f"{_fmt(scoring.get('mfu'), '.1%'):>9}"
         )
     ab = report.get("batching")
     if ab:
@@ -457,7 +560,7 @@ def print_report(report: dict[str, Any]) -> None:
             print(
                 f"{mode:>7} {row['steps']:>6} {row['real_tokens']:>10,} "
                 f"{row['computed_tokens']:>10,} {row['tokens_per_sec']:>12,.0f} "
-                f"{_fmt(mfu, '.1f%'):>7} {_fmt(row['speedup_vs_naive'], '.2f'):>8}x"
+                f"{_fmt(mfu, '.1%'):>7} {_fmt(row['speedup_vs_naive'], '.2f'):>8}x"
             )
 
 
@@ -487,13 +590,19 @@ def machine_info() -> dict[str, Any]:
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device-profile", choices=("auto", "cpu-smoke", "gpu"), default="auto")
-    parser.add_argument("--seq-lengths", type=lambda s: [int(x) for x in s.split(",")])
+    parser.add_argument("--seq-lengths", type=lambda s: [int(x) for x in s.split(",") if x])
     parser.add_argument("--backends", type=lambda s: [x for x in s.split(",") if x])
     parser.add_argument("--steps", type=int, help="timed steps per (seq_length, backend)")
     parser.add_argument("--warmup", type=int, help="untimed steps per case (and per mode)")
     parser.add_argument("--ab-samples", type=int, help="samples of the batching comparison")
     parser.add_argument("--ab-seq-length", type=int, help="seq_length of the batching comparison")
     parser.add_argument("--skip-batching", action="store_true", help="sweep only")
+    parser.add_argument(
+        "--scoring-steps",
+        type=int,
+        default=2,
+        help="forward-only (scoring) batches timed after each sweep case; 0: none",
+    )
     parser.add_argument("--output-json", type=Path)
     return parser.parse_args(argv)
 
@@ -561,7 +670,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(f"measuring seq_length {seq_length}, backend {backend} ...", flush=True)
                 try:
                     row = sweep_case(
-                        profile, workdir, seq_length, backend, profile.steps, profile.warmup
+                        profile,
+                        workdir,
+                        seq_length,
+                        backend,
+                        profile.steps,
+                        profile.warmup,
+                        args.scoring_steps,
                     )
                 except torch.cuda.OutOfMemoryError as err:
                     # A backend/length that does not fit is a result, not a crash.
