@@ -19,25 +19,29 @@ Document padding (`cu_seqlens_q_padded`, used by context parallelism): the padde
 layout is used as the documents. Pad tokens sit at the end of their document, so the
 real tokens' causal attention is unchanged, and pad outputs have zero loss weight.
 
-Context parallelism (`sdpa` and `flex`; `te` has its own): each CP rank holds chunks r
-and 2*CP-1-r of every padded document (parallel/context_parallel.py). Queries stay local;
-K and V are all-gathered over the CP group (an autograd all-gather whose backward
-reduce-scatters the K/V gradients back to their owners) and put back in global order;
-the document-causal mask compares global positions. Memory is O(T) for K/V per layer,
-which is fine for the CPU tests and for moderate lengths; `te` (ring attention) is the
-scalable path on GPUs.
+Context parallelism (`sdpa`, `flex` and `flash`; `te` has its own): each CP rank holds
+chunks r and 2*CP-1-r of every padded document (parallel/context_parallel.py). Queries
+stay local; K and V are all-gathered over the CP group (an autograd all-gather whose
+backward reduce-scatters the K/V gradients back to their owners) and put back in global
+order. `sdpa` and `flex` mask document-causally by global position; `flash` makes every
+local chunk one varlen sequence whose keys run from its document's start to the chunk's
+end, so flash-attn's bottom-right causal alignment puts each query at its global
+position (`flash_context_parallel_sequences`). Memory is O(T) for K/V per layer (`flash`
+keeps a copy of the key ranges, (2*CP + 1) / (2*CP) x T rows), fine for the CPU tests and
+for moderate lengths; `te` (ring attention) is the scalable path on GPUs.
 
-Not supported here (use `te`): sliding windows, attention dropout, non-vanilla softmax;
-`flash` has no context parallelism. The constructors say so instead of computing
-something else.
+Not supported here (use `te`): sliding windows, attention dropout, non-vanilla softmax.
+The constructors say so instead of computing something else.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from megatron.core.packed_seq_params import PackedSeqParams
@@ -50,7 +54,9 @@ from megatron_longalign.megatron_compat import cache_on_packed_seq_params
 from megatron_longalign.model.backends import import_flash_attn_varlen, import_flex_attention
 from megatron_longalign.parallel.context_parallel import (
     ContextParallelView,
+    context_parallel_token_index,
     gather_context_parallel_kv,
+    local_document_bounds,
 )
 
 FLEX_BLOCK_SIZE = 128
@@ -185,6 +191,52 @@ def sdpa_varlen_context_parallel(
     return torch.cat(outputs, dim=0)
 
 
+@dataclass(frozen=True)
+class FlashChunkSequences:
+    """flash-attn varlen arguments for one CP rank's local queries: every local chunk
+    (two per document) is one sequence, its keys the document's from its start up to the
+    chunk's end."""
+
+    cu_seqlens_q: Tensor  # [2D + 1] int32, over the local tokens (chunk after chunk)
+    cu_seqlens_k: Tensor  # [2D + 1] int32, over the key rows `key_index` selects
+    key_index: Tensor  # int64 global positions of each sequence's keys, back to back
+    max_seqlen_q: int
+    max_seqlen_k: int
+
+
+def flash_context_parallel_sequences(
+    layout: list[int], cp_size: int, cp_rank: int, device: torch.device
+) -> FlashChunkSequences:
+    """The varlen sequences for `cp_rank`'s chunks of the (padded) documents `layout`.
+
+    A chunk of c queries ending at document position e (exclusive) gets keys [0, e) of
+    its document: Lq = c, Lk = e, and flash-attn's bottom-right causal alignment lets
+    query i see keys j <= i + e - c, which is exactly its own document position. Built
+    on the host, once per micro-batch."""
+    bounds = np.asarray(layout, dtype=np.int64)
+    held = context_parallel_token_index(bounds, cp_size, cp_rank)  # global positions
+    chunk = np.diff(local_document_bounds(bounds, cp_size)) // 2
+    q_lengths = np.repeat(chunk, 2)  # chunk r, then chunk 2 * CP - 1 - r, per document
+    cu_q = np.concatenate([[0], np.cumsum(q_lengths)])
+    key_starts = np.repeat(bounds[:-1], 2)
+    last = held[np.maximum(cu_q[1:] - 1, 0)] if held.size else np.zeros_like(q_lengths)
+    k_lengths = np.where(q_lengths > 0, last + 1 - key_starts, 0)
+    cu_k = np.concatenate([[0], np.cumsum(k_lengths)])
+    offsets = np.arange(int(cu_k[-1])) - np.repeat(cu_k[:-1], k_lengths)
+    key_index = np.repeat(key_starts, k_lengths) + offsets
+
+    def int32(array: np.ndarray) -> Tensor:
+        return torch.as_tensor(array, dtype=torch.int32, device=device)
+
+    return FlashChunkSequences(
+        cu_seqlens_q=int32(cu_q),
+        cu_seqlens_k=int32(cu_k),
+        key_index=torch.as_tensor(key_index, dtype=torch.long, device=device),
+        max_seqlen_q=int(q_lengths.max(initial=0)),
+        max_seqlen_k=int(k_lengths.max(initial=0)),
+    )
+
+
 # ---------------------------------------------------------------------------------------
 # megatron-core core-attention modules
 # ---------------------------------------------------------------------------------------
@@ -228,7 +280,7 @@ class _PackedCoreAttention(MegatronModule):
             raise NotImplementedError(f"{name} supports the causal mask type only, not {mask_type}")
         if config.context_parallel_size > 1 and not self.supports_context_parallel:
             raise NotImplementedError(
-                f"{name} does not support context parallelism; use 'te', 'flex' or 'sdpa'"
+                f"{name} does not support context parallelism; use 'te', 'flash', 'flex' or 'sdpa'"
             )
         if dropout:
             raise NotImplementedError(f"{name} has no attention dropout; set it to 0")
@@ -360,16 +412,18 @@ class FlexCoreAttention(_PackedCoreAttention):
 
 
 class FlashCoreAttention(_PackedCoreAttention):
-    """flash-attn's `flash_attn_varlen_func(causal=True)` over cu_seqlens (CUDA, fp16/bf16)."""
+    """flash-attn's `flash_attn_varlen_func(causal=True)` over cu_seqlens (CUDA, fp16/bf16).
+    With context parallelism, each local chunk is one varlen sequence over its
+    document's gathered keys (`flash_context_parallel_sequences`)."""
 
     backend = "flash"
-    supports_context_parallel = False
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self._varlen = import_flash_attn_varlen()
 
     def _attend(self, q: Tensor, k: Tensor, v: Tensor, packed: PackedSeqParams) -> Tensor:
+        # max_seqlen_q is of the layout (padded) documents, as megatron and TE expect.
         max_seqlen = int(packed.max_seqlen_q)
         documents = layout_cu_seqlens(packed)
         return self._varlen(
@@ -380,6 +434,36 @@ class FlashCoreAttention(_PackedCoreAttention):
             cu_seqlens_k=documents,
             max_seqlen_q=max_seqlen,
             max_seqlen_k=max_seqlen,
+            dropout_p=0.0,
+            softmax_scale=self.softmax_scale,
+            causal=True,
+        )
+
+    def _attend_gathered(
+        self, q: Tensor, k: Tensor, v: Tensor, view: ContextParallelView, packed: PackedSeqParams
+    ) -> Tensor:
+        sequences = cache_on_packed_seq_params(
+            packed,
+            "cp_flash_sequences",
+            lambda: flash_context_parallel_sequences(
+                view.layout, self.cp_size, self.cp_group.rank(), q.device
+            ),
+        )
+        # Memory: flash-attn reads each sequence's keys as one contiguous run, and a
+        # document's two chunks need overlapping prefixes of its keys, so the ranges are
+        # copied. Chunks r and 2*CP-1-r take (r + 1) + (2*CP - r) chunks of keys, i.e.
+        # (2*CP + 1) / (2*CP) of every document: 1.25 T rows of K and of V at CP 2 (1.125 T
+        # at CP 4), next to the gathered T rows while the copy is made. Only the copies are
+        # kept for the backward (index_select's backward needs just the index), so the
+        # saved K/V is 1.25x sdpa's at CP 2 and the transient peak 2.25x.
+        return self._varlen(
+            q,
+            k.index_select(0, sequences.key_index),
+            v.index_select(0, sequences.key_index),
+            cu_seqlens_q=sequences.cu_seqlens_q,
+            cu_seqlens_k=sequences.cu_seqlens_k,
+            max_seqlen_q=sequences.max_seqlen_q,
+            max_seqlen_k=sequences.max_seqlen_k,
             dropout_p=0.0,
             softmax_scale=self.softmax_scale,
             causal=True,

@@ -95,11 +95,6 @@ def _parallel_problems(config: LongAlignConfig, world_size: int) -> list[str]:
     parallel, model = config.parallel, config.model
     problems = [f"parallel config: {p}" for p in parallel_problems(parallel, world_size)]
     pp = parallel.pipeline_model_parallel_size
-    if parallel.context_parallel_size > 1 and model.attention_backend == "flash":
-        problems.append(
-            "model.attention_backend=flash has no context parallelism; use te (ring "
-            "attention, for GPUs), flex or sdpa (K/V all-gather), or context_parallel_size=1"
-        )
     if isinstance(pp, int) and pp >= 1 and model.num_layers % pp:
         problems.append(
             f"model.num_layers ({model.num_layers}) must be divisible by "

@@ -11,6 +11,7 @@ import torch
 
 from megatron_longalign.config.model import ModelConfig
 from megatron_longalign.model.config import to_transformer_config
+from tests.helpers import flash_standin
 from tests.helpers.megatron_session import megatron_on_cpu
 from tests.helpers.tiny_model import tiny_model_config
 
@@ -24,6 +25,14 @@ def megatron_cpu() -> Iterator[None]:
     torn down before other test packages set up their own."""
     warnings.filterwarnings("ignore", message=".*flex_attention called without torch.compile.*")
     with megatron_on_cpu(SEED):
+        yield
+
+
+@pytest.fixture
+def flash_standin_installed() -> Iterator[None]:
+    """The `flash` backend usable here: tests/helpers/flash_standin.py's CPU reference of
+    `flash_attn_varlen_func` behind the real import seam (model/backends.py)."""
+    with flash_standin.installed():
         yield
 
 

@@ -10,7 +10,6 @@ import pytest
 import torch
 
 from megatron_longalign.model.attention import (
-    FlexCoreAttention,
     document_causal_block_mask,
     packed_seq_params_from,
     sdpa_varlen_context_parallel,
@@ -78,20 +77,28 @@ def test_flex_context_parallel_forward_equals_whole_sequence_attention(cp, block
         torch.testing.assert_close(out, expected[index], atol=1e-5, rtol=1e-5)
 
 
-def test_flash_rejects_context_parallelism_and_sdpa_accepts_it():
+def test_every_core_attention_backend_accepts_context_parallelism():
+    """sdpa, flex and flash all have a context-parallel path (flash since its chunk
+    sequences, tests/model/test_flash_attention.py); a backend without one is refused at
+    build time rather than computing something else."""
     from megatron.core.transformer.enums import AttnMaskType
 
-    from megatron_longalign.model.attention import FlashCoreAttention, SDPACoreAttention
+    from megatron_longalign.model.attention import CORE_ATTENTION_MODULES, SDPACoreAttention
 
     config = to_transformer_config(tiny_config(), context_parallel_size=2)
-    with pytest.raises(NotImplementedError, match="does not support context parallelism"):
-        FlashCoreAttention.__new__(FlashCoreAttention)._reject_unsupported(
+    assert set(CORE_ATTENTION_MODULES) == {"sdpa", "flex", "flash"}
+    for cls in CORE_ATTENTION_MODULES.values():
+        assert cls.supports_context_parallel, cls.backend
+        cls.__new__(cls)._reject_unsupported(config, AttnMaskType.causal, "self", 0.0)
+
+    class WithoutContextParallel(SDPACoreAttention):
+        backend = "no-cp"
+        supports_context_parallel = False
+
+    with pytest.raises(NotImplementedError, match="'no-cp' does not support context parallel"):
+        WithoutContextParallel.__new__(WithoutContextParallel)._reject_unsupported(
             config, AttnMaskType.causal, "self", 0.0
         )
-    SDPACoreAttention.__new__(SDPACoreAttention)._reject_unsupported(
-        config, AttnMaskType.causal, "self", 0.0
-    )
-    assert FlexCoreAttention.supports_context_parallel
 
 
 def test_padded_documents_are_attended_as_laid_out():

@@ -5,8 +5,9 @@ megatron's schedule with the trainer's loss path, in `token` and `sequence` mode
 batches hold a document shorter than 2 * CP, odd lengths, a micro-batch whose single
 target lands on CP rank 0 (rank 1 holds no target at all), and SkipAlign positions.
 The CP = 1 run uses unpadded documents, so it also checks that CP's padding changes
-nothing. Attention is `sdpa` with the K/V all-gather; `te` is covered on GPUs
-(tests/model/test_te_context_parallel.py).
+nothing. Attention is `sdpa` with the K/V all-gather; `flash` (its chunk sequences, with
+the CPU stand-in for flash-attn) and `flex` (forward) are compared with that CP = 1 sdpa
+run; `te` is covered on GPUs (tests/model/test_te_context_parallel.py).
 """
 
 from __future__ import annotations
@@ -121,6 +122,34 @@ def test_flex_context_parallel_forward_equals_cp1(tmp_path_factory, reference):
         torch.testing.assert_close(
             _documents(results, mode), _documents([expected], mode), rtol=1e-5, atol=1e-5
         )
+
+
+@pytest.fixture(scope="module")
+def flash_cp2(tmp_path_factory) -> list[dict]:
+    return run_and_read(
+        "context_parallel.py",
+        2,
+        tmp_path_factory.mktemp("flash_cp2"),
+        ["--cp", "2", "--backend", "flash"],
+    )
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_flash_context_parallel_equals_cp1_sdpa(flash_cp2, reference, mode):
+    """The flash backend's CP path (one varlen sequence per local chunk, bottom-right
+    causal) through the whole model on CP 2, forward and backward, against the
+    single-process sdpa run: per-document losses, micro-batch losses and gradients."""
+    (expected,) = [r[mode] for r in reference]
+    ranks = _last_stage_tp0(flash_cp2)
+    per_rank = torch.tensor([r[mode]["losses"] for r in ranks], dtype=torch.float64)
+    torch.testing.assert_close(
+        per_rank.sum(0), torch.tensor(expected["losses"], dtype=torch.float64), rtol=0, atol=2e-6
+    )
+    torch.testing.assert_close(
+        _documents(flash_cp2, mode), _documents(reference, mode), rtol=1e-5, atol=1e-5
+    )
+    assert all(r[mode]["grads_finite"] for r in flash_cp2)
+    assert_tensors_close(merged(_mode(flash_cp2, mode), "grads"), merged([expected], "grads"))
 
 
 def _te_skip_reason() -> str | None:

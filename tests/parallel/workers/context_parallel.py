@@ -11,15 +11,18 @@ target at all), and SkipAlign position ids (skips at region boundaries).
 The CP = 1 run of this same worker, with unpadded documents, is the reference.
 
     torchrun --nproc-per-node N context_parallel.py --out DIR --cp 2 [--tp 2] [--pp 2]
-        [--backend sdpa|flex|te] [--forward-only]
+        [--backend sdpa|flex|flash|te] [--forward-only]
 
 `sdpa` trains on CPU (gloo); `flex` has no CPU backward, so use --forward-only there;
+`flash` runs its CP path on CPU with flash-attn replaced by the stand-in
+(tests/helpers/flash_standin.py, behind the real import seam);
 `te` runs on CUDA GPUs (NCCL) in bf16 with Transformer Engine's own CP attention.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 from pathlib import Path
 
@@ -36,6 +39,7 @@ from megatron_longalign.data.weights import per_token_weights
 from megatron_longalign.model.config import to_transformer_config
 from megatron_longalign.parallel.distributed import initialize_distributed
 from megatron_longalign.training.loss import NLL_SUM, NUM_TARGETS, loss_func
+from tests.helpers import flash_standin
 from tests.helpers.tiny_gpt import (
     build_ddp_model,
     full_tensors,
@@ -67,7 +71,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--tp", type=int, default=1)
     parser.add_argument("--pp", type=int, default=1)
     parser.add_argument("--cp", type=int, required=True)
-    parser.add_argument("--backend", default="sdpa", choices=("sdpa", "flex", "te"))
+    parser.add_argument("--backend", default="sdpa", choices=("sdpa", "flex", "flash", "te"))
     parser.add_argument("--forward-only", action="store_true")
     parser.add_argument("--loss-impl", default=None, choices=("chunked", "standard"))
     return parser.parse_args()
@@ -221,10 +225,12 @@ def main() -> None:
     from megatron.core import parallel_state
 
     device = torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu")
-    model = build(args.cp, args.backend, device)
-    if args.loss_impl:
-        unwrap(model).loss_impl = args.loss_impl
-    result = {mode: run_mode(model, args.cp, mode, device, args.forward_only) for mode in MODES}
+    # flash: the model resolves and imports flash-attn through the real seam.
+    with flash_standin.installed() if args.backend == "flash" else contextlib.nullcontext():
+        model = build(args.cp, args.backend, device)
+        if args.loss_impl:
+            unwrap(model).loss_impl = args.loss_impl
+        result = {mode: run_mode(model, args.cp, mode, device, args.forward_only) for mode in MODES}
     result["cp_rank"] = parallel_state.get_context_parallel_rank()
     write_rank_result(args.out, result)
 
