@@ -37,20 +37,34 @@ from torch import Tensor
 # fp32 logits of one chunk, on one TP rank, that `auto_chunk_tokens` aims for.
 AUTO_CHUNK_BYTES = 256 * 2**20
 AUTO_CHUNK_MULTIPLE = 256
+# Fewest tokens per automatic chunk on a GPU. Each chunk adds its bf16 weight-gradient
+# block into the fp32 accumulator, a read and write of V x h fp32 (12 V h bytes) against
+# the chunk's 8 c V h GEMM FLOPs: on an H200 (~790 TFLOP/s, ~4.3 TB/s) that costs about
+# 275 / c of the chunk's GEMM time, whatever V and h. Measured at T 64k, V 128k, h 4096,
+# bf16: 1.97x standard's time with 512-token chunks, 1.33x with 2048 (docs/PERFORMANCE.md).
+# CPUs have far less arithmetic per byte of bandwidth, so the byte budget alone decides.
+GPU_MIN_CHUNK_TOKENS = 2048
 
 __all__ = ["auto_chunk_tokens", "chunked_linear_cross_entropy"]
 
 
-def auto_chunk_tokens(vocab_per_rank: int, budget_bytes: int = AUTO_CHUNK_BYTES) -> int:
+def auto_chunk_tokens(
+    vocab_per_rank: int,
+    budget_bytes: int = AUTO_CHUNK_BYTES,
+    min_tokens: int = AUTO_CHUNK_MULTIPLE,
+) -> int:
     """Tokens per chunk when `model.loss_chunk_tokens` is null: the most whose fp32 logits
-    on one TP rank fit `budget_bytes` (256 MiB), in multiples of 256 tokens, at least 256.
-    E.g. 2048 tokens for a 32k vocabulary, 512 for Llama-3's 128k (TP 1). Why 256 MiB:
-    the working memory (one chunk) is then at most 1/8 of the full-logits path's for any
-    vocabulary once a rank holds 8k tokens, and 1/32 at Llama-3's vocabulary (fp32: c/2T,
-    docs/PERFORMANCE.md), while a chunk's GEMM (c x h x V/TP) is still large enough to
-    run at the matmul's full rate."""
+    on one TP rank fit `budget_bytes` (256 MiB), in multiples of 256 tokens, and at least
+    `min_tokens` (256 on the CPU; `chunked_linear_cross_entropy` passes
+    `GPU_MIN_CHUNK_TOKENS` on a GPU). E.g. on the CPU 2048 tokens for a 32k vocabulary and
+    512 for Llama-3's 128k (TP 1); on a GPU 2048 for both.
+
+    Why 256 MiB: the working memory (one chunk) is c/2T of the full-logits path's in fp32,
+    so at most 1/8 for any vocabulary from 8k tokens per rank on, and 1/32 at Llama-3's,
+    while a chunk's GEMM (c x h x V/TP) stays large enough for the matmul's full rate."""
     tokens = budget_bytes // (4 * max(vocab_per_rank, 1))
-    return max(AUTO_CHUNK_MULTIPLE, tokens // AUTO_CHUNK_MULTIPLE * AUTO_CHUNK_MULTIPLE)
+    tokens = tokens // AUTO_CHUNK_MULTIPLE * AUTO_CHUNK_MULTIPLE
+    return max(AUTO_CHUNK_MULTIPLE, min_tokens, tokens)
 
 
 def _accumulation_dtype(tensor: Tensor) -> torch.dtype:
@@ -183,7 +197,11 @@ def chunked_linear_cross_entropy(
     valid = weight.size(0) if valid_columns is None else valid_columns
     if not 0 <= valid <= weight.size(0):
         raise ValueError(f"valid_columns={valid} outside the shard's {weight.size(0)} columns")
-    chunk = auto_chunk_tokens(weight.size(0)) if chunk_tokens is None else chunk_tokens
+    if chunk_tokens is None:
+        minimum = GPU_MIN_CHUNK_TOKENS if weight.is_cuda else AUTO_CHUNK_MULTIPLE
+        chunk = auto_chunk_tokens(weight.size(0), min_tokens=minimum)
+    else:
+        chunk = chunk_tokens
     if chunk < 1:
         raise ValueError(f"chunk_tokens must be >= 1, got {chunk}")
     return _ChunkedLinearCrossEntropy.apply(

@@ -29,7 +29,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from megatron_longalign.config.model import ModelConfig
-from megatron_longalign.model.fused_loss import auto_chunk_tokens
+from megatron_longalign.model.fused_loss import (
+    AUTO_CHUNK_MULTIPLE,
+    GPU_MIN_CHUNK_TOKENS,
+    auto_chunk_tokens,
+)
 
 GB = 1e9  # decimal gigabytes, as GPU memory is sold ("80 GB")
 RECOMPUTE_OPTIONS = ("none", "selective", "full")
@@ -57,6 +61,8 @@ class DeviceProfile:
     # input, x * rstd and the output that the next linear saves (3).
     norm_saves: int
     overhead_bytes: float  # context, communication buffers, allocator fragmentation
+    # Fewest tokens per automatic loss chunk (fused_loss: GPU_MIN_CHUNK_TOKENS on a GPU).
+    min_loss_chunk_tokens: int = AUTO_CHUNK_MULTIPLE
 
     @property
     def fp32_params(self) -> bool:
@@ -72,6 +78,7 @@ GPU_BF16 = DeviceProfile(
     attention="flash",
     norm_saves=2,
     overhead_bytes=4 * GB,
+    min_loss_chunk_tokens=GPU_MIN_CHUNK_TOKENS,
 )
 CPU_FP32 = DeviceProfile(
     name="cpu-fp32",
@@ -295,14 +302,16 @@ def logits_bytes(model: ModelConfig, layout: Layout, workload: Workload, profile
     return tokens * vocab * per_element
 
 
-def loss_chunk_tokens(model: ModelConfig, layout: Layout) -> int:
+def loss_chunk_tokens(model: ModelConfig, layout: Layout, profile: DeviceProfile = GPU_BF16) -> int:
     """Tokens per chunk of the chunked loss on `layout`: `model.loss_chunk_tokens`, or
-    when null what the model uses, `fused_loss.auto_chunk_tokens` of one TP rank's padded
-    vocabulary (fp32 chunk logits of about 256 MiB: 512 tokens for Llama-3's 128,256
-    at TP 1, 1024 at TP 2)."""
+    when null what the model uses on `profile`'s device, `fused_loss.auto_chunk_tokens`
+    of one TP rank's padded vocabulary (fp32 chunk logits of about 256 MiB, at least
+    2048 tokens on a GPU: Llama-3's 128,256 gets 2048 tokens at TP 1 and 2, 4096 at TP 8;
+    on the CPU 512 at TP 1)."""
     if model.loss_chunk_tokens is not None:
         return model.loss_chunk_tokens
-    return auto_chunk_tokens(model.padded_vocab_size(layout.tp) // layout.tp)
+    vocab = model.padded_vocab_size(layout.tp) // layout.tp
+    return auto_chunk_tokens(vocab, min_tokens=profile.min_loss_chunk_tokens)
 
 
 # fp32: the chunked loss accumulates the LSE and the weight gradient in fp32 whatever
@@ -341,7 +350,7 @@ def chunked_loss_bytes(
     acc = _ACCUMULATION_BYTES
     act = profile.activation_bytes
     low = act if act != acc else 0
-    chunk = min(loss_chunk_tokens(model, layout), tokens)
+    chunk = min(loss_chunk_tokens(model, layout, profile), tokens)
     weight = vocab * hidden
 
     saved = tokens * _CHUNKED_SAVED_PER_TOKEN
@@ -402,7 +411,9 @@ def estimate_memory(
     working = layer_working_bytes(model, layout, workload, profile)
     microbatches = num_microbatches(layout, workload)
     overhead = profile.overhead_bytes if overhead_bytes is None else overhead_bytes
-    chunk_tokens = loss_chunk_tokens(model, layout) if model.loss_impl == "chunked" else None
+    chunk_tokens = (
+        loss_chunk_tokens(model, layout, profile) if model.loss_impl == "chunked" else None
+    )
     best: MemoryEstimate | None = None
     for index, params in enumerate(stages):
         in_flight = in_flight_microbatches(layout, microbatches, index)

@@ -69,6 +69,9 @@ def test_auto_chunk_tokens_hand_values():
     assert auto_chunk_tokens(128256) == 512  # 523.2 -> 512
     assert auto_chunk_tokens(64128) == 1024  # Llama-3 at TP 2: 1046.5 -> 1024
     assert auto_chunk_tokens(10**7) == 256  # never below one multiple
+    # A GPU's floor (GPU_MIN_CHUNK_TOKENS): raises small chunks, leaves larger ones.
+    assert auto_chunk_tokens(128256, min_tokens=2048) == 2048
+    assert auto_chunk_tokens(16128, min_tokens=2048) == 4096  # Llama-3 at TP 8: 4161
 
 
 def test_bad_arguments_are_named():
