@@ -1,11 +1,11 @@
 """Attention backends: the one place that imports optional GPU packages.
 
-| backend | kernel | needs | THD packing | backward |
-|---|---|---|---|---|
-| `te`    | Transformer Engine `DotProductAttention` (megatron's TE layer spec) | transformer_engine, CUDA | yes (cu_seqlens), CP | yes |
-| `flash` | `flash_attn_varlen_func` | flash_attn, CUDA | yes (cu_seqlens) | yes |
-| `flex`  | torch `flex_attention` with a document-causal `BlockMask` | torch >= 2.5 | yes (document ids) | CUDA only |
-| `sdpa`  | torch `scaled_dot_product_attention`, one call per document | torch | yes (loop) | yes |
+| backend | kernel | needs | THD packing | context parallelism | backward |
+|---|---|---|---|---|---|
+| `te`    | Transformer Engine `DotProductAttention` (megatron's TE layer spec) | transformer_engine, CUDA | yes (cu_seqlens) | ring (TE) | yes |
+| `flash` | `flash_attn_varlen_func` | flash_attn, CUDA | yes (cu_seqlens) | K/V all-gather, a varlen sequence per chunk | yes |
+| `flex`  | torch `flex_attention` with a document-causal `BlockMask` | torch >= 2.5 | yes (document ids) | K/V all-gather | CUDA only |
+| `sdpa`  | torch `scaled_dot_product_attention`, one call per document | torch | yes (loop) | K/V all-gather | yes |
 
 `auto` picks the first usable of te > flash > flex > sdpa. Without CUDA that is always
 `sdpa`: `flex` runs forward on CPU but its backward raises NotImplementedError, so it
