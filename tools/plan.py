@@ -68,7 +68,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--loss-chunk-tokens",
         type=int,
         help="model.loss_chunk_tokens for the chunked loss (default: the model YAML's; "
-        "null there: auto, about 256 MiB of fp32 chunk logits per TP rank)",
+        "null there: auto, about 256 MiB of fp32 chunk logits per TP rank and at least "
+        "2048 tokens on a GPU, where each chunk's fp32 weight-gradient accumulation costs "
+        "~275/c of its GEMM time on an H200: 2048 tokens on a GPU for a 32k or 128k "
+        "vocabulary at TP 1; on the CPU 2048 for 32k, 512 for 128k)",
     )
     p.add_argument(
         "--no-distributed-optimizer", action="store_true", help="optimizer state unsharded"

@@ -57,7 +57,9 @@ class ModelConfig:
     # (megatron's output layer, then its vocab-parallel cross entropy on the full logits).
     loss_impl: str = "chunked"
     # Tokens per chunk of the chunked loss; null: auto (fp32 chunk logits of about 256 MiB
-    # per TP rank: 2048 tokens for a 32k vocabulary, 512 for 128k).
+    # per TP rank, at least 2048 tokens on a GPU, where each chunk's fp32 weight-gradient
+    # accumulation costs ~275/c of its GEMM time on an H200: at TP 1, 2048 tokens on a GPU
+    # for a 32k or 128k vocabulary; on the CPU 2048 for 32k, 512 for 128k).
     loss_chunk_tokens: int | None = None
     name: str = "custom"  # for logs only
 
