@@ -23,6 +23,9 @@ _EXPORTS = {
     "gpt_layer_spec": "gpt",
     "model_inputs": "gpt",
     "packed_seq_params_from": "attention",
+    "AttentionProbe": "attention_probe",
+    "ProbeRequest": "attention_probe",
+    "attach_probe": "attention_probe",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -30,6 +30,11 @@ position (`flash_context_parallel_sequences`). Memory is O(T) for K/V per layer 
 keeps a copy of the key ranges, (2*CP + 1) / (2*CP) x T rows), fine for the CPU tests and
 for moderate lengths; `te` (ring attention) is the scalable path on GPUs.
 
+Attention probe (model/attention_probe.py, GATEAU's attention measurement): while
+`attach_probe` has set a module's `probe`, the module hands it the post-RoPE q and k
+(under CP the gathered K in global order and the local queries' global positions) before
+attending. Without a probe the hook is one attribute check.
+
 Not supported here (use `te`): sliding windows, attention dropout, non-vanilla softmax.
 The constructors say so instead of computing something else.
 """
@@ -39,7 +44,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -58,6 +63,9 @@ from megatron_longalign.parallel.context_parallel import (
     gather_context_parallel_kv,
     local_document_bounds,
 )
+
+if TYPE_CHECKING:
+    from megatron_longalign.model.attention_probe import AttentionProbe
 
 FLEX_BLOCK_SIZE = 128
 
@@ -248,6 +256,9 @@ class _PackedCoreAttention(MegatronModule):
 
     backend = ""
     supports_context_parallel = True
+    # Set by attention_probe.attach_probe (GATEAU's attention measurement); None in
+    # training, where the hook costs one attribute check per layer.
+    probe: AttentionProbe | None = None
 
     def __init__(
         self,
@@ -306,6 +317,9 @@ class _PackedCoreAttention(MegatronModule):
             if self.cp_size > 1:
                 out = self._attend_context_parallel(query, key, value, packed_seq_params)
             else:
+                if self.probe is not None:
+                    bounds = layout_bounds(packed_seq_params)
+                    self.probe.observe(self.layer_number, query, key, self.softmax_scale, bounds)
                 out = self._attend(query, key, value, packed_seq_params)
             return out.reshape(out.size(0), -1)
         if packed_seq_params is not None:
@@ -326,7 +340,10 @@ class _PackedCoreAttention(MegatronModule):
 
         cu = torch.arange(batch + 1, device=query.device, dtype=torch.int32) * seq
         packed = packed_seq_params_from(cu, seq)
-        out = self._attend(to_thd(query), to_thd(key), to_thd(value), packed)
+        query, key, value = to_thd(query), to_thd(key), to_thd(value)
+        if self.probe is not None:
+            self.probe.observe(self.layer_number, query, key, self.softmax_scale, cu.tolist())
+        out = self._attend(query, key, value, packed)
         return out.reshape(batch, seq, -1).transpose(0, 1)
 
     def _attend(self, q: Tensor, k: Tensor, v: Tensor, packed: PackedSeqParams) -> Tensor:
@@ -344,6 +361,10 @@ class _PackedCoreAttention(MegatronModule):
             ),
         )
         k_full, v_full = gather_context_parallel_kv(k, v, self.cp_group, view.gather_order)
+        if self.probe is not None:
+            self.probe.observe(
+                self.layer_number, q, k_full, self.softmax_scale, view.layout, view.query_index
+            )
         return self._attend_gathered(q, k_full, v_full, view, packed)
 
     def _attend_gathered(
@@ -359,10 +380,7 @@ class SDPACoreAttention(_PackedCoreAttention):
     backend = "sdpa"
 
     def _attend(self, q: Tensor, k: Tensor, v: Tensor, packed: PackedSeqParams) -> Tensor:
-        bounds = cache_on_packed_seq_params(
-            packed, "bounds", lambda: layout_cu_seqlens(packed).tolist()
-        )
-        return sdpa_varlen(q, k, v, bounds, self.softmax_scale)
+        return sdpa_varlen(q, k, v, layout_bounds(packed), self.softmax_scale)
 
     def _attend_gathered(
         self, q: Tensor, k: Tensor, v: Tensor, view: ContextParallelView, packed: PackedSeqParams
@@ -508,6 +526,11 @@ def layout_cu_seqlens(packed: PackedSeqParams) -> Tensor:
     leaves the real tokens' causal attention unchanged."""
     padded = packed.cu_seqlens_q_padded
     return packed.cu_seqlens_q if padded is None else padded
+
+
+def layout_bounds(packed: PackedSeqParams) -> list[int]:
+    """`layout_cu_seqlens` as a Python list, synced to the host once per micro-batch."""
+    return cache_on_packed_seq_params(packed, "bounds", lambda: layout_cu_seqlens(packed).tolist())
 
 
 def check_self_attention_thd(packed: PackedSeqParams, num_tokens: int, cp_size: int = 1) -> None:
