@@ -24,7 +24,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("parallel",),
     ("model", "data"),
     ("training",),
-    ("planning", "convert", "devdata"),
+    ("planning", "convert", "devdata", "scoring"),
     ("train",),
 )
 # Layer 0 is a set of leaf modules that may use each other (utils is what everyone uses).
