@@ -278,7 +278,7 @@ class GlobalBatchPlanner:
         # occur twice in one batch, and each occurrence is its own sequence.
         unit_weights = np.split(weights, np.cumsum([s.size for s in unit_samples])[:-1])
         unit_costs = np.array([self._cost[s].sum() for s in unit_samples])
-        assignment = _balanced_assignment(
+        assignment = balanced_assignment(
             unit_costs, self.dp_size, self.config.micro_batch_size * self.micro_batches_per_rank
         )
         micro_batches, rank_costs = [], np.zeros(self.dp_size)
@@ -383,9 +383,11 @@ def _reorder_csr(members: np.ndarray, offsets: np.ndarray, order: np.ndarray):
     return np.concatenate(pieces), new_offsets
 
 
-def _balanced_assignment(costs: np.ndarray, ranks: int, slots: int) -> list[list[int]]:
+def balanced_assignment(costs: np.ndarray, ranks: int, slots: int | None = None) -> list[list[int]]:
     """Greedy longest-processing-time: costliest unit first, onto the least-loaded rank
-    that still has a free slot (ties: lowest rank). Deterministic."""
+    that still has a free slot (`slots` per rank; None: no limit; ties: lowest rank).
+    Deterministic. Also used to shard GATEAU scoring over DP ranks."""
+    slots = costs.size if slots is None else slots
     loads = np.zeros(ranks)
     assigned: list[list[int]] = [[] for _ in range(ranks)]
     for unit in sorted(range(costs.size), key=lambda u: (-costs[u], u)):
