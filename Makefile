@@ -8,8 +8,9 @@ STAMP := $(VENV)/.installed
 # requirement would otherwise pull several GB of CUDA wheels on CPU machines.
 TORCH_SPEC ?= torch==2.13.0
 DEMO_OUT ?= outputs/demo
+GATEAU_OUT ?= outputs/gateau_demo
 
-.PHONY: venv demo test lint bench-preprocess bench-packing bench-dataloader clean
+.PHONY: venv demo gateau-demo test lint bench-preprocess bench-packing bench-dataloader clean
 
 venv: $(STAMP)
 
@@ -35,6 +36,27 @@ demo: $(STAMP)
 	$(PY) tools/preprocess.py --input data/sample/long.jsonl.gz \
 		--tokenizer data/sample/tokenizer.model --template llama2 --inspect 1 --inspect-chars 400
 	DEMO_OUT=$(DEMO_OUT) $(PY) -m megatron_longalign.train +experiment=smoke
+
+# GATEAU on the bundled data, on CPU in a few minutes (docs/GATEAU.md): the long samples
+# (up to 8k tokens) and the short chats in one set; two tiny homologous models trained on
+# it, A with a 1k window and B with 4k; both score every sample (HMG + CAM), and the top
+# 10% are written as a new preprocessed set. Reruns resume the scoring where it stopped.
+gateau-demo: $(STAMP)
+	$(PY) tools/preprocess.py --input data/sample/long.jsonl.gz data/sample/short_chat.jsonl.gz \
+		--tokenizer data/sample/tokenizer.model --template llama2 \
+		--output-prefix $(GATEAU_OUT)/mix --max-length 8192 --on-overlength drop --overwrite
+	$(PY) -m megatron_longalign.train +experiment=smoke name=gateau_a data=single \
+		data.prefix=$(GATEAU_OUT)/mix data.seq_length=1024 train.max_steps=20 \
+		train.save_interval=20 train.output_dir=$(GATEAU_OUT)/model_a
+	$(PY) -m megatron_longalign.train +experiment=smoke name=gateau_b data=single \
+		data.prefix=$(GATEAU_OUT)/mix data.seq_length=4096 train.max_steps=20 \
+		train.save_interval=20 train.output_dir=$(GATEAU_OUT)/model_b
+	$(PY) tools/gateau.py score --prefix $(GATEAU_OUT)/mix \
+		--model-a $(GATEAU_OUT)/model_a/checkpoints --model-b $(GATEAU_OUT)/model_b/checkpoints \
+		--output $(GATEAU_OUT)/scores --seq-length 8192
+	$(PY) tools/gateau.py select --prefix $(GATEAU_OUT)/mix \
+		--scores $(GATEAU_OUT)/scores/scores.jsonl --output-prefix $(GATEAU_OUT)/selected \
+		--ratio 0.1 --overwrite
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests

@@ -65,3 +65,37 @@ def test_preprocess_script_names_missing_variables(tmp_path):
         ["bash", str(REPO / "slurm" / "preprocess.sh")], env=env, capture_output=True, text=True
     )
     assert result.returncode != 0 and "set INPUT" in result.stderr
+
+
+def test_gateau_script_launches_one_scoring_task_per_gpu(tmp_path):
+    env = {
+        **os.environ,
+        "SLURM_JOB_ID": "7",
+        "SLURM_JOB_NUM_NODES": "2",
+        "GPUS_PER_NODE": "4",
+        "MASTER_ADDR": "node1",
+        "PREFIX": "data/long",
+        "MODEL_A": "ckpt/a",
+        "MODEL_B": "ckpt/b",
+        "OUTPUT": str(tmp_path / "scores"),
+        "DRY_RUN": "1",
+        "REPO_DIR": str(REPO),
+    }
+    script = REPO / "slurm" / "gateau.sh"
+    result = subprocess.run(
+        ["bash", str(script), "--tp", "2"], env=env, capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr
+    line = next(x for x in result.stdout.splitlines() if x.startswith("score:"))
+    assert "--ntasks=8" in line and "srun_task.sh" in line
+    assert "tools/gateau.py score --prefix data/long --model-a ckpt/a --model-b ckpt/b" in line
+    assert line.endswith("--tp 2")
+
+
+def test_gateau_script_names_missing_variables():
+    env = {k: v for k, v in os.environ.items() if k not in ("PREFIX", "MODEL_A")}
+    env.update({"SLURM_JOB_ID": "7", "MASTER_ADDR": "node1"})
+    result = subprocess.run(
+        ["bash", str(REPO / "slurm" / "gateau.sh")], env=env, capture_output=True, text=True
+    )
+    assert result.returncode != 0 and "PREFIX" in result.stderr
