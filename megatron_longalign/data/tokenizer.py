@@ -118,7 +118,7 @@ class SentencePieceTokenizer(TextTokenizer):
 
         self.path = str(model_file)
         blob = Path(model_file).read_bytes()
-        self.fingerprint = hashlib.sha256(blob).hexdigest()
+        self.fingerprint = _sha256(blob)
         proto = sentencepiece_model_pb2.ModelProto()
         try:
             proto.ParseFromString(blob)
@@ -308,12 +308,7 @@ class HFTokenizer(TextTokenizer):
 
         directory = Path(directory)
         self.path = str(directory)
-        files = [
-            directory / name
-            for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
-            if (directory / name).is_file()
-        ]
-        self.fingerprint = _hash_files(files)
+        self.fingerprint = _hf_fingerprint(directory)
         try:
             self._tok = Tokenizer.from_file(str(directory / "tokenizer.json"))
         except Exception as err:  # the Rust side raises a generic Exception
@@ -461,20 +456,35 @@ def _first_token_at(encoding, low: int, count: int, char: int) -> int:
     return low
 
 
-def load_tokenizer(path: str | os.PathLike) -> TextTokenizer:
-    """A sentencepiece `.model` file, or a local HF tokenizer directory."""
+def _resolve(path: str | os.PathLike) -> tuple[str, Path]:
+    """Which tokenizer `path` names: ("sentencepiece", model file) or ("hf", directory).
+    A directory with both files is read as Hugging Face (tokenizer.json)."""
     path = Path(path)
     if not path.exists():
         raise TokenizerError(f"tokenizer path {path} does not exist")
     if path.is_file():
-        return SentencePieceTokenizer(path)
+        return "sentencepiece", path
     if (path / "tokenizer.json").is_file():
-        return HFTokenizer(path)
+        return "hf", path
     if (path / "tokenizer.model").is_file():
-        return SentencePieceTokenizer(path / "tokenizer.model")
+        return "sentencepiece", path / "tokenizer.model"
     raise TokenizerError(
         f"{path} has neither tokenizer.json (Hugging Face) nor tokenizer.model (sentencepiece)"
     )
+
+
+def load_tokenizer(path: str | os.PathLike) -> TextTokenizer:
+    """A sentencepiece `.model` file, or a local HF tokenizer directory."""
+    kind, resolved = _resolve(path)
+    return HFTokenizer(resolved) if kind == "hf" else SentencePieceTokenizer(resolved)
+
+
+def tokenizer_fingerprint(path: str | os.PathLike) -> str:
+    """`load_tokenizer(path).fingerprint` (what a preprocessed set records as
+    `tokenizer.sha256`), from the files alone, without building the tokenizer: the one
+    definition a model's tokenizer and a data set's are compared by."""
+    kind, resolved = _resolve(path)
+    return _hf_fingerprint(resolved) if kind == "hf" else _sha256(resolved.read_bytes())
 
 
 def _read_special_token_config(directory: Path) -> dict[str, str | None]:
@@ -494,6 +504,16 @@ def _read_special_token_config(directory: Path) -> dict[str, str | None]:
                 value = data[key]
                 found[key] = value.get("content") if isinstance(value, dict) else value
     return found
+
+
+def _sha256(blob: bytes) -> str:
+    return hashlib.sha256(blob).hexdigest()
+
+
+def _hf_fingerprint(directory: Path) -> str:
+    """The files that define a Hugging Face tokenizer's encoding and special tokens."""
+    names = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+    return _hash_files([directory / name for name in names if (directory / name).is_file()])
 
 
 def _hash_files(files: Sequence[Path]) -> str:

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import hashlib
 import math
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -38,6 +37,7 @@ import torch
 
 from megatron_longalign.config.training import LongAlignConfig
 from megatron_longalign.data.microbatch import MicroBatch, shard_for_context_parallel
+from megatron_longalign.data.tokenizer import TokenizerError, tokenizer_fingerprint
 from megatron_longalign.parallel.context_parallel import (
     context_parallel_token_index,
     document_multiple,
@@ -125,23 +125,21 @@ class ScoringEngine:
         """The model's real (unpadded) vocabulary: documents' token ids lie below it."""
         return self.config.model.vocab_size
 
-    @property
+    @functools.cached_property
     def tokenizer_fingerprint(self) -> str | None:
-        """sha256 over the tokenizer files of the HF model the checkpoint was imported
-        from (as recorded by tools/convert_hf.py, followed through train.init_from), to
-        tell whether two models share a tokenizer; None when the checkpoint records no
-        import or the files are gone."""
+        """The fingerprint of the tokenizer of the HF model the checkpoint was imported
+        from (tools/convert_hf.py records its directory, followed through
+        train.init_from), by data/tokenizer.py's definition, so it equals the
+        `tokenizer.sha256` of data preprocessed with that tokenizer. None when the
+        checkpoint records no import or the directory holds no tokenizer any more."""
         record = self._record.get("hf_import") or {}
-        hf_dir, names = record.get("hf_dir"), record.get("tokenizer_files") or []
-        if not hf_dir or not names:
+        hf_dir = record.get("hf_dir")
+        if not hf_dir:
             return None
-        digest = hashlib.sha256()
-        for name in sorted(names):
-            file = Path(hf_dir) / name
-            if not file.is_file():
-                return None
-            digest.update(name.encode() + b"\0" + file.read_bytes())
-        return digest.hexdigest()
+        try:
+            return tokenizer_fingerprint(hf_dir)
+        except TokenizerError:
+            return None
 
     def score(self, documents: Sequence[ScoringDocument]) -> list[DocumentResult]:
         """Per-token NLL (and attention mass for probed documents), in input order.

@@ -1,9 +1,11 @@
 """torchrun worker: score documents with the ScoringEngine at the layout given (TP, CP,
 PP) from a checkpoint imported at TP = 1, and write rank<R>.json with every document's
-key and per-token NLL (NaN as null), in the order score() returned them.
+key, per-token NLL (NaN as null) and attention mass (null when not probed), in the
+order score() returned them.
 
     --spec spec.json: {"checkpoint", "model_config", "documents": [{"key", "tokens",
-                       "loss_mask", "position_ids"}], "tp", "cp", "pp"}
+                       "loss_mask", "position_ids", optional "probe_query_mask",
+                       "probe_segments", "num_segments"}], "tp", "cp", "pp"}
 """
 
 from __future__ import annotations
@@ -41,13 +43,20 @@ def main() -> None:
             np.array(d["tokens"], dtype=np.int64),
             np.array(d["loss_mask"], dtype=bool),
             None if d["position_ids"] is None else np.array(d["position_ids"], dtype=np.int64),
+            None if d.get("probe_query_mask") is None else np.array(d["probe_query_mask"], bool),
+            None if d.get("probe_segments") is None else np.array(d["probe_segments"], np.int32),
+            d.get("num_segments", 0),
         )
         for d in spec["documents"]
     ]
     engine = ScoringEngine(config, spec["checkpoint"])
     results = engine.score(documents)
     out = [
-        {"key": r.key, "nll": [None if np.isnan(x) else float(x) for x in r.token_nll]}
+        {
+            "key": r.key,
+            "nll": [None if np.isnan(x) else float(x) for x in r.token_nll],
+            "mass": None if r.attention_mass is None else r.attention_mass.tolist(),
+        }
         for r in results
     ]
     rank = torch.distributed.get_rank()
