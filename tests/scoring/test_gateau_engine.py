@@ -230,3 +230,63 @@ def test_score_and_select_end_to_end(engine_a, engine_b, model_b, hf_model, pref
     assert chosen.metadata["tokenizer"]["sha256"] == engine_b.tokenizer_fingerprint
     for position, index in enumerate(selection.indices.tolist()):
         assert np.array_equal(chosen[position].tokens, dataset[index].tokens)
+
+
+# ---- the command line, distributed and killed -----------------------------------------------
+
+
+def _score_command(prefix: str, model_a: str, model_b: str, output) -> list[str]:
+    from tests.helpers.launch import REPO
+
+    return [
+        str(REPO / "tools" / "gateau.py"), "score", "--prefix", prefix, "--model-a", model_a,
+        "--model-b", model_b, "--output", str(output), "--seq-length", str(PACKED_LENGTH),
+        "--segment-tokens", str(SEGMENT_TOKENS), "--batch-tokens", "150", "--precision", "fp32",
+    ]  # fmt: skip
+
+
+@pytest.mark.slow
+def test_cli_scores_are_identical_at_dp2_and_after_a_kill(imported, model_b, prefix, tmp_path):
+    """tools/gateau.py score as one process, as two data-parallel processes (torchrun),
+    and killed once its first shard line is flushed then rerun: the same scores file."""
+    import subprocess
+    import sys
+    import time
+
+    from tests.helpers.launch import REPO, run_workers, worker_env
+
+    args = (prefix, str(imported.output), str(model_b[1].output))
+    single = subprocess.run(
+        [sys.executable, *_score_command(*args, tmp_path / "dp1")],
+        env=worker_env(), cwd=REPO, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert single.returncode == 0, single.stderr[-3000:]
+    expected = (tmp_path / "dp1" / SCORES_FILE).read_bytes()
+    assert len(expected.splitlines()) == 6
+
+    command = _score_command(*args, tmp_path / "dp2")
+    run_workers(REPO / command[0], 2, command[1:])
+    assert (tmp_path / "dp2" / SCORES_FILE).read_bytes() == expected
+    assert len(list((tmp_path / "dp2").glob("shard-*-of-00002.jsonl"))) == 2
+
+    killed_dir = tmp_path / "killed"
+    proc = subprocess.Popen(
+        [sys.executable, *_score_command(*args, killed_dir)],
+        env=worker_env(), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    deadline = time.monotonic() + 240
+    shard = killed_dir / "shard-00000-of-00001.jsonl"
+    while proc.poll() is None and time.monotonic() < deadline:
+        if shard.exists() and shard.read_bytes().count(b"\n") >= 1:
+            proc.kill()
+            break
+        time.sleep(0.05)
+    proc.wait(timeout=60)
+    assert proc.returncode != 0, "the run finished before it could be killed"
+    assert not (killed_dir / SCORES_FILE).exists()
+    resumed = subprocess.run(
+        [sys.executable, *_score_command(*args, killed_dir)],
+        env=worker_env(), cwd=REPO, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert (killed_dir / SCORES_FILE).read_bytes() == expected
