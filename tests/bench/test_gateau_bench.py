@@ -36,6 +36,11 @@ def test_gateau_bench_quick(tmp_path):
     assert tokens["packed"] == scoring["segment_document_tokens"]
     assert tokens["per_segment"] == scoring["segment_documents"] * scoring["pad_to"]
     assert tokens["per_segment"] > tokens["packed"]
+    # The window emulation: per-segment's forwards plus one per padding chunk (the chunks
+    # of window / segment_tokens past a sample's real segments); each padded to pad_to.
+    assert scoring["padding_chunks"] > 0
+    assert passes["window"] == passes["per_segment"] + scoring["padding_chunks"]
+    assert tokens["window"] == passes["window"] * scoring["pad_to"]
     # 500 chunks per sample (a 64,000-token window) against ~15 real segments each.
     assert scoring["original_window_tokens"] > 10 * tokens["packed"]
     assert all(s > 0 for s in scoring["seconds"].values())
