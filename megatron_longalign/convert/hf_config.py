@@ -260,6 +260,13 @@ def model_config_from_dict(fields: dict[str, Any]) -> ModelConfig:
     return ModelConfig(**fields, rope_scaling=RopeScalingConfig(**scaling) if scaling else None)
 
 
+def recorded_model_config(extra: dict[str, Any]) -> ModelConfig | None:
+    """The model config a checkpoint's marker `extra` records: the trainer's own first
+    (what it trained, e.g. with a raised context), then an import's; None if neither."""
+    fields = extra.get("model_config") or (extra.get("hf_import") or {}).get("model_config")
+    return model_config_from_dict(fields) if fields else None
+
+
 def model_config_from_yaml(path: str) -> ModelConfig:
     """A ModelConfig from a model YAML file, or from a whole run config with a `model:` key
     (e.g. a run's .hydra/config.yaml)."""

@@ -30,7 +30,7 @@ from megatron_longalign.convert.errors import ConversionError
 from megatron_longalign.convert.hf_config import (
     default_model_type,
     hf_config_from,
-    model_config_from_dict,
+    recorded_model_config,
 )
 from megatron_longalign.convert.hf_import import TOKENIZER_FILES
 from megatron_longalign.convert.hf_names import export_sources, hf_tensor_shapes
@@ -136,7 +136,7 @@ def export_checkpoint(
     extra = read_marker(path).get("extra", {})
     record = extra.get("hf_import") or {}
     if model_config is None:
-        model_config = _recorded_model_config(path, extra, record)
+        model_config = _recorded_model_config(path, extra)
     model_type = model_type or record.get("model_type") or default_model_type(model_config)
     stored_dtype, out_dtype = _dtypes(path, model_config, dtype)
     base = record.get("hf_config") if record.get("model_type") == model_type else None
@@ -191,16 +191,14 @@ def _resolve(checkpoint: str | Path) -> Path:
         raise ConversionError(str(err)) from err
 
 
-def _recorded_model_config(path: Path, extra: dict[str, Any], record: dict[str, Any]):
-    """The trainer's own record (what it trained, e.g. with a raised context) first,
-    then an import's."""
-    recorded = extra.get("model_config") or record.get("model_config")
-    if not recorded:
+def _recorded_model_config(path: Path, extra: dict[str, Any]) -> ModelConfig:
+    recorded = recorded_model_config(extra)
+    if recorded is None:
         raise ConversionError(
             f"{path} records no model config (neither the trainer nor an import wrote "
             "one): pass --model-config with the model YAML it was trained with"
         )
-    return model_config_from_dict(recorded)
+    return recorded
 
 
 def _dtypes(path: Path, model_config: ModelConfig, dtype: str) -> tuple[torch.dtype, torch.dtype]:

@@ -19,7 +19,7 @@ from megatron_longalign.config.data import DataConfig
 from megatron_longalign.config.model import ModelConfig
 from megatron_longalign.config.parallel import ParallelConfig
 from megatron_longalign.config.training import LongAlignConfig, TrainConfig
-from megatron_longalign.convert.hf_config import model_config_from_dict
+from megatron_longalign.convert.hf_config import recorded_model_config
 from megatron_longalign.gateau.merge import MergeSummary
 from megatron_longalign.gateau.runner import GateauError, RunOptions, score_prefix
 from megatron_longalign.scoring import ScoringEngine
@@ -42,18 +42,17 @@ class ScoringJob:
     options: RunOptions = RunOptions()
 
 
-def recorded_model_config(checkpoint: str) -> ModelConfig:
+def checkpoint_model_config(checkpoint: str) -> ModelConfig:
     """The model config a checkpoint records: the trainer's own first (what it trained),
     then an import's."""
     path = resolve_checkpoint(checkpoint)
-    extra = read_marker(path).get("extra", {})
-    fields = extra.get("model_config") or (extra.get("hf_import") or {}).get("model_config")
-    if not fields:
+    model = recorded_model_config(read_marker(path).get("extra", {}))
+    if model is None:
         raise GateauError(
             f"checkpoint {path} records no model config; score checkpoints written by this "
             "trainer or by tools/convert_hf.py import"
         )
-    return model_config_from_dict(fields)
+    return model
 
 
 def scoring_config(job: ScoringJob, model: ModelConfig) -> LongAlignConfig:
@@ -94,7 +93,7 @@ def run_scoring(job: ScoringJob) -> MergeSummary | None:
     from megatron_longalign.parallel.distributed import initialize_distributed
 
     # Configs first: a checkpoint without a record fails before any process group.
-    models = [recorded_model_config(c) for c in (job.checkpoint_a, job.checkpoint_b)]
+    models = [checkpoint_model_config(c) for c in (job.checkpoint_a, job.checkpoint_b)]
     configs = [scoring_config(job, model) for model in models]
     initialize_distributed(configs[0].parallel, seed=job.seed)
     engines = [
