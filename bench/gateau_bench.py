@@ -61,25 +61,19 @@ import tempfile
 import time
 from pathlib import Path
 
+from child_runs import run_json_child
+
+from megatron_longalign.utils.memory import (
+    available_memory_bytes,
+    current_rss_bytes,
+    peak_rss_bytes,
+    reset_peak_rss,
+)
+
 REPO = Path(__file__).resolve().parents[1]
 GIB = 2**30
 SAMPLE_DATA = REPO / "data" / "sample" / "long.jsonl.gz"
 TOKENIZER = REPO / "data" / "sample" / "tokenizer.model"
-
-
-def _proc_status() -> dict[str, int]:
-    out = {}
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(("VmHWM:", "VmRSS:")):
-            out[line.split(":")[0]] = int(line.split()[1]) * 1024
-    return out
-
-
-def mem_available() -> int:
-    for line in Path("/proc/meminfo").read_text().splitlines():
-        if line.startswith("MemAvailable:"):
-            return int(line.split()[1]) * 1024
-    return 0
 
 
 # ---- setup: data and a tiny checkpoint ------------------------------------------------
@@ -366,8 +360,8 @@ def probe_child(spec: dict) -> dict:
     torch.set_num_threads(spec["threads"])
     q, k, request = _probe_problem(spec)
     scale = spec["head_dim"] ** -0.5
-    Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
-    baseline = _proc_status()["VmRSS"]
+    reset_peak_rss()  # VmHWM := VmRSS
+    baseline = current_rss_bytes()
     start = time.perf_counter()
     with torch.no_grad():
         if spec["variant"] == "probe":
@@ -378,7 +372,7 @@ def probe_child(spec: dict) -> dict:
             mass = _dense_mass(q, k, request, scale)
     seconds = time.perf_counter() - start
     return {
-        "peak_above_baseline": _proc_status()["VmHWM"] - baseline,
+        "peak_above_baseline": peak_rss_bytes() - baseline,
         "seconds": seconds,
         "mass": [float(x) for x in mass],
         "load": os.getloadavg()[0],
@@ -389,19 +383,7 @@ def probe_child(spec: dict) -> dict:
 
 
 def run_child(kind: str, spec: dict) -> dict:
-    env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONWARNINGS": "ignore"}
-    proc = subprocess.run(
-        [sys.executable, __file__, "--child", kind, json.dumps(spec)],
-        capture_output=True, text=True, env=env, cwd=REPO,
-    )  # fmt: skip
-    if proc.returncode in (-9, 137):
-        return {"failed": "killed (out of memory)"}
-    if proc.returncode != 0:
-        tail = proc.stderr.strip().splitlines()[-1:] or ["?"]
-        if "memory" in tail[0].lower():
-            return {"failed": f"out of memory ({tail[0][:120]})"}
-        raise RuntimeError(f"{kind} child failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return run_json_child(__file__, ["--child", kind, json.dumps(spec)], f"{kind} child")
 
 
 def dense_estimate(length: int, heads: int) -> int:
@@ -423,7 +405,7 @@ def bench_memory(args, log) -> list[dict]:
         for variant in ("probe", "dense"):
             need = row["dense_estimate"] + GIB // 2
             if variant == "dense" and (
-                not dense_fits or need > args.memory_fraction * mem_available()
+                not dense_fits or need > args.memory_fraction * available_memory_bytes()
             ):
                 dense_fits = False
                 row["dense"] = {"failed": f"not run: needs about {need / GIB:.1f} GiB, over "

@@ -47,10 +47,18 @@ import hashlib
 import json
 import os
 import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
+
+from child_runs import run_json_child
+
+from megatron_longalign.utils.memory import (
+    available_memory_bytes,
+    current_rss_bytes,
+    peak_rss_bytes,
+    reset_peak_rss,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 GIB = 2**30
@@ -63,14 +71,6 @@ def padded_vocab(vocab: int, multiple: int) -> int:
 
 
 # ---- child: one variant, one size -----------------------------------------------------
-
-
-def _proc_status() -> dict[str, int]:
-    out = {}
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(("VmHWM:", "VmRSS:")):
-            out[line.split(":")[0]] = int(line.split()[1]) * 1024
-    return out
 
 
 class _LigerStyle:
@@ -185,7 +185,7 @@ def child(spec: dict) -> dict:
             torch.cuda.synchronize()
 
     def memory_now() -> int:
-        return torch.cuda.memory_allocated() if cuda else _proc_status()["VmRSS"]
+        return torch.cuda.memory_allocated() if cuda else current_rss_bytes()
 
     variant = spec["variant"]
 
@@ -222,7 +222,7 @@ def child(spec: dict) -> dict:
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     else:
-        Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
+        reset_peak_rss()  # VmHWM := VmRSS
     baseline = memory_now()
     start = time.perf_counter()
     loss = forward()
@@ -232,7 +232,7 @@ def child(spec: dict) -> dict:
     loss.backward()
     sync()
     seconds = time.perf_counter() - start
-    peak = torch.cuda.max_memory_allocated() if cuda else _proc_status()["VmHWM"]
+    peak = torch.cuda.max_memory_allocated() if cuda else peak_rss_bytes()
     return {
         "peak_above_baseline": peak - baseline,
         "baseline": baseline,
@@ -254,13 +254,6 @@ def child(spec: dict) -> dict:
 # ---- parent ---------------------------------------------------------------------------
 
 
-def mem_available() -> int:
-    for line in Path("/proc/meminfo").read_text().splitlines():
-        if line.startswith("MemAvailable:"):
-            return int(line.split()[1]) * 1024
-    return 0
-
-
 def standard_estimate(tokens: int, padded: int, hidden: int, dtype_bytes: int) -> int:
     """Bytes above baseline of the standard path. Forward: the logits (masked in place by
     the model's `_mask_padded_vocab`), plus megatron CE's `.float()` copy when they are not
@@ -274,25 +267,6 @@ def standard_estimate(tokens: int, padded: int, hidden: int, dtype_bytes: int) -
     forward = logits + (fp32 if dtype_bytes != 4 else 0)
     backward = max(fp32 + logits, logits + grads)
     return max(forward, backward)
-
-
-def run_child(spec: dict, device: str) -> dict:
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    proc = subprocess.run(
-        [sys.executable, __file__, "--child", json.dumps(spec)],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=REPO,
-    )
-    if proc.returncode in (-9, 137):
-        return {"failed": "killed (out of memory)"}
-    if proc.returncode != 0:
-        tail = proc.stderr.strip().splitlines()[-1:] or ["?"]
-        if "memory" in tail[0].lower():
-            return {"failed": f"out of memory ({tail[0][:120]})"}
-        raise RuntimeError(f"{spec} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def bench_size(args, vocab: int, hidden: int, log) -> dict:
@@ -315,7 +289,7 @@ def bench_size(args, vocab: int, hidden: int, log) -> dict:
             if variant == "standard" and args.device == "cpu":
                 # the child's whole process: ~0.5 GB of imports, the inputs, the estimate
                 need = estimate + inputs + GIB // 2
-                available = mem_available()
+                available = available_memory_bytes()
                 if need > args.memory_fraction * available:
                     skipped[variant] = (
                         f"not run: needs about {need / GIB:.1f} GiB, more than "
@@ -335,7 +309,7 @@ def bench_size(args, vocab: int, hidden: int, log) -> dict:
                 "seed": args.seed,
             }
             started = time.perf_counter()
-            result = run_child(spec, args.device)
+            result = run_json_child(__file__, ["--child", json.dumps(spec)], str(spec))
             if "failed" in result:
                 skipped[variant] = result["failed"]
                 log(f"  V={vocab} H={hidden} {variant}: {result['failed']}")
@@ -529,7 +503,7 @@ def main() -> int:
                 break
     machine = (
         f"{platform.machine()}, {os.cpu_count()} cores ({cpu_model}), "
-        f"{mem_available() / GIB:.1f} GiB available, Python {platform.python_version()}"
+        f"{available_memory_bytes() / GIB:.1f} GiB available, Python {platform.python_version()}"
     )
     log(f"machine: {machine}")
     started = time.perf_counter()
