@@ -24,11 +24,13 @@ import warnings
 import zlib
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from megatron_longalign.config.model import ModelConfig
 from megatron_longalign.config.parallel import ParallelConfig
 from megatron_longalign.config.training import LongAlignConfig
+from megatron_longalign.data.indexed import SFTSample
 from megatron_longalign.model.config import to_transformer_config
 from megatron_longalign.parallel.distributed import initialize_distributed
 from tests.helpers.tiny_model import tiny_model_config
@@ -313,3 +315,18 @@ def write_rank_result(out_dir: Path, result: dict) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"rank{result['rank']}.json"
     path.write_text(json.dumps(to_jsonable(result)))
+
+
+def samples_from_regions(
+    specs: list[list[tuple[int, int]]], seed: int, vocab_size: int = 512
+) -> list[SFTSample]:
+    """One SFTSample per spec: its regions are the spec's (kind, length) pieces back to
+    back; its tokens are random ids in [1, vocab_size)."""
+    rng = np.random.default_rng(seed)
+    result = []
+    for spec in specs:
+        lengths = np.array([n for _, n in spec])
+        ends = np.cumsum(lengths)
+        regions = np.stack([ends - lengths, ends, [k for k, _ in spec]], axis=1).astype(np.int32)
+        result.append(SFTSample(rng.integers(1, vocab_size, size=int(ends[-1])), regions))
+    return result

@@ -25,7 +25,12 @@ from megatron_longalign.data.microbatch import MicroBatchBuilder, shard_for_cont
 from megatron_longalign.data.planner import MicroBatchPlan
 from megatron_longalign.model.attention_probe import AttentionProbe, ProbeRequest, attach_probe
 from megatron_longalign.parallel.distributed import initialize_distributed
-from tests.helpers.tiny_gpt import build_model, tiny_config, write_rank_result
+from tests.helpers.tiny_gpt import (
+    build_model,
+    samples_from_regions,
+    tiny_config,
+    write_rank_result,
+)
 
 TEMPLATE, USER, ASSISTANT, CONTEXT = 0, 2, 3, 4
 # Odd lengths (CP pads them); the third sample has no context (no segment), the fourth
@@ -39,14 +44,7 @@ SAMPLES = [
 
 
 def samples() -> list[SFTSample]:
-    rng = np.random.default_rng(5)
-    result = []
-    for spec in SAMPLES:
-        lengths = np.array([n for _, n in spec])
-        ends = np.cumsum(lengths)
-        regions = np.stack([ends - lengths, ends, [k for k, _ in spec]], axis=1).astype(np.int32)
-        result.append(SFTSample(rng.integers(1, 512, size=int(ends[-1])), regions))
-    return result
+    return samples_from_regions(SAMPLES, seed=5)
 
 
 def request(data: list[SFTSample], layout: np.ndarray, layers) -> ProbeRequest:

@@ -43,6 +43,7 @@ from tests.helpers import flash_standin
 from tests.helpers.tiny_gpt import (
     build_ddp_model,
     full_tensors,
+    samples_from_regions,
     unwrap,
     write_rank_result,
 )
@@ -88,14 +89,7 @@ def model_config(backend: str = "sdpa") -> ModelConfig:
 
 
 def samples() -> list[SFTSample]:
-    rng = np.random.default_rng(3)
-    result = []
-    for spec in SAMPLES:
-        lengths = np.array([n for _, n in spec])
-        ends = np.cumsum(lengths)
-        regions = np.stack([ends - lengths, ends, [k for k, _ in spec]], axis=1).astype(np.int32)
-        result.append(SFTSample(rng.integers(1, 512, size=int(ends[-1])), regions))
-    return result
+    return samples_from_regions(SAMPLES, seed=3)
 
 
 def micro_batches(cp: int, mode: str):
