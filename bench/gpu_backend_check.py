@@ -170,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     del reference_model
     reference = run_variant("sdpa", torch.float32, device, state, batch, args.vocab)
     backends = [b for b in args.backends.split(",") if b]
-    rows, failures = [], []
+    rows = []
     for backend in backends:
         for dtype in (torch.bfloat16, torch.float32):
             if backend == "sdpa" and dtype == torch.float32:

@@ -68,7 +68,7 @@ def scoring_config(job: ScoringJob, model: ModelConfig) -> LongAlignConfig:
     )
 
 
-def _layout(job: ScoringJob) -> dict[str, Any]:
+def _layout() -> dict[str, Any]:
     """This rank's place: its data-parallel replica, and whether it writes (one rank
     per replica: every rank of a replica gets the same results)."""
     from megatron.core import parallel_state as ps
@@ -101,7 +101,7 @@ def run_scoring(job: ScoringJob) -> MergeSummary | None:
         for config, checkpoint in zip(configs, (job.checkpoint_a, job.checkpoint_b), strict=True)
     ]
     Path(job.output_dir).mkdir(parents=True, exist_ok=True)
-    place = _layout(job)
+    place = _layout()
     # One progress bar for the whole job (every rank of replica 0 has data rank 0).
     options = replace(
         job.options, progress=job.options.progress and torch.distributed.get_rank() == 0
@@ -115,6 +115,4 @@ def run_scoring(job: ScoringJob) -> MergeSummary | None:
         barrier=torch.distributed.barrier,
         **place,
     )
-    if torch.distributed.get_rank() != 0:
-        return None
-    return summary
+    return summary  # score_prefix merges on data rank 0's writer: global rank 0
