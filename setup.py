@@ -36,6 +36,14 @@ setup(
         "psutil>=5.9",
         # Hugging Face checkpoints (tools/convert_hf.py): read and written tensor by tensor.
         "safetensors>=0.4",
+        # Evaluation and data construction (eval/, datagen/): OpenAI-compatible servers
+        # (judges, generators), heatmaps, and LongBench's metrics (jieba for Chinese words,
+        # ROUGE-L, edit similarity).
+        "openai>=1.40",
+        "matplotlib>=3.8",
+        "jieba>=0.42",
+        "rouge-score>=0.1.2",
+        "rapidfuzz>=3.0",
     ],
     extras_require={
         # Never required; imported lazily with a clear fallback when missing.
