@@ -361,19 +361,19 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_cli(args: argparse.Namespace) -> int:
-    output = Path(args.output)
-    try:
+    output, client = Path(args.output), None
+    try:  # every input is checked before the model is loaded
         cases = load_cases(args.data, args.few_shots)
-        options = generation_options_from_args(args)
         client = judge_client_from_args(args, judge_cache_path(output))
-    except (ChatDataError, JudgeOptionsError, RecordsFileError, ValueError) as err:
+        if client is None:
+            raise JudgeOptionsError(
+                "longbench-chat needs a judge: give --judge-base-url and --judge-model"
+            )
+        options = generation_options_from_args(args)
+    except ValueError as err:  # ChatDataError, JudgeOptionsError, RecordsFileError, options
+        if client is not None:
+            client.close()
         print(f"error: {err}", file=sys.stderr)
-        return 2
-    if client is None:
-        print(
-            "error: longbench-chat needs a judge: --judge-base-url and --judge-model",
-            file=sys.stderr,
-        )
         return 2
     try:
         summary = run_longbench_chat(
