@@ -47,7 +47,7 @@ from megatron_longalign.eval.judge import (
     judge_client_from_args,
     rate,
 )
-from megatron_longalign.eval.longbench_chat_data import ChatCase, ChatDataError, load_cases
+from megatron_longalign.eval.longbench_chat_data import ChatCase, load_cases
 from megatron_longalign.utils.atomic_files import fsync_directory, write_text_durably
 from megatron_longalign.utils.chat_api import ChatAPIError, ChatClient, ChatUsage
 from megatron_longalign.utils.jsonl_records import RecordAppender, RecordsFileError, read_records
