@@ -148,7 +148,12 @@ def generate_answers(
         try:
             with RecordAppender(path) as out:
                 for generation in generator.generate(requests, desc="LongBench-Chat: answers"):
-                    case = by_key.pop(generation.key)  # KeyError: an unknown or repeated key
+                    case = by_key.pop(generation.key, None)
+                    if case is None:
+                        raise RuntimeError(
+                            f"the generator answered key {generation.key!r}, which was not "
+                            "asked or was answered already"
+                        )
                     record = {
                         "idx": case.idx,
                         "answer": generation.text.strip(),

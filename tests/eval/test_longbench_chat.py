@@ -426,6 +426,18 @@ def test_a_kill_while_generating_keeps_the_answers_so_far(tmp_path) -> None:
     assert summary["queries_scored"] == 4
 
 
+class RepeatingGenerator(FakeGenerator):
+    def generate(self, requests, *, desc=None):
+        yield from super().generate(list(requests) + [requests[0]], desc=desc)
+
+
+def test_a_generator_answering_a_key_twice_is_an_error(tmp_path) -> None:
+    write_benchmark(tmp_path, [1, 2])
+    with OpenAIStub(lambda body: "[[5]]") as server, pytest.raises(RuntimeError, match="'1'"):
+        run(tmp_path, server, RepeatingGenerator)
+    assert [r["idx"] for r in read_records(tmp_path / "out" / "answers.jsonl")] == [1, 2]
+
+
 def test_a_torn_results_line_is_judged_again(tmp_path) -> None:
     write_benchmark(tmp_path, [1, 2])
     judge = lambda body: good_reply(*shown(body)[:2])  # noqa: E731
