@@ -30,7 +30,15 @@ def test_qa_f1_english():
 def test_qa_f1_chinese_over_jieba_words():
     prediction, gold = "小明硕士毕业于中国科学院计算所。", "他毕业于中国科学院"
     # Pin the segmentation the expected value rests on.
-    assert m.chinese_words(prediction) == ["小明", "硕士", "毕业", "于", "中国科学院", "计算所", "。"]
+    assert m.chinese_words(prediction) == [
+        "小明",
+        "硕士",
+        "毕业",
+        "于",
+        "中国科学院",
+        "计算所",
+        "。",
+    ]
     assert m.chinese_words(gold) == ["他", "毕业", "于", "中国科学院"]
     # "。" normalises to "" and is dropped: 6 prediction words, 4 gold words,
     # overlap {毕业, 于, 中国科学院} = 3: P = 3/6, R = 3/4, F1 = 2*(1/2)*(3/4) / (5/4) = 0.6
