@@ -159,10 +159,12 @@ def add_cli(subparsers: Any) -> None:
         "longbench",
         help="LongBench (v1) / LongBench-E on local JSONL data",
         description="Generate and score LongBench from <data-dir>/<task>.jsonl "
-        "(LongBench-E: <task>_e.jsonl). Reruns resume from <output-dir>/results.jsonl.",
+        "(LongBench-E: <task>_e.jsonl). Reruns resume from <output>/results.jsonl.",
     )
     parser.add_argument("--data-dir", type=Path, required=True, help="LongBench's data folder")
-    parser.add_argument("--output-dir", type=Path, required=True)
+    parser.add_argument(
+        "--output", type=Path, required=True, help="output folder (results, summary)"
+    )
     parser.add_argument(
         "--tasks",
         nargs="+",
@@ -184,7 +186,7 @@ def run_cli(args: argparse.Namespace) -> int:
     try:
         summary = run_longbench(
             args.data_dir,
-            args.output_dir,
+            args.output,
             lambda: build_generator(generation_options_from_args(args)),
             tasks=parse_task_names(args.tasks),
             longbench_e=args.longbench_e,

@@ -280,7 +280,7 @@ def test_cli_reports_bad_input_with_status_2(tmp_path, capsys):
     add_cli(parser.add_subparsers())
     data_dir = write_data(tmp_path / "data")
     args = parser.parse_args(
-        ["longbench", "--data-dir", str(data_dir), "--output-dir", str(tmp_path / "o")]
+        ["longbench", "--data-dir", str(data_dir), "--output", str(tmp_path / "o")]
         + ["--tasks", "trec,nosuch"]
     )
     assert args.func(args) == 2
