@@ -70,7 +70,9 @@ def pending_requests(
                 pending[key] = (
                     data,
                     sample,
-                    GenerationRequest(key, prompt, data.task.max_new_tokens),
+                    GenerationRequest(
+                        key=key, prompt=prompt, max_new_tokens=data.task.max_new_tokens
+                    ),
                 )
     return pending
 

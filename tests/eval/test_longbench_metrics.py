@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 from rouge_score import rouge_scorer
 
 from megatron_longalign.eval import longbench_metrics as m
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 # ---- QA F1, English ----------------------------------------------------------------------
@@ -153,3 +159,12 @@ def test_sample_score_is_best_gold_and_cuts_first_line_when_asked():
         )
         == 1.0
     )
+
+
+def test_jieba_initialises_quietly():
+    # A fresh process: jieba otherwise logs "Building prefix dict..." to stderr.
+    code = "from megatron_longalign.eval.longbench_metrics import chinese_words as w; w('北京')"
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True
+    )
+    assert done.stderr == ""
