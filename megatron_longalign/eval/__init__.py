@@ -1,0 +1,1 @@
+"""Evaluation: generation backends, LongBench-Chat, needle-in-a-haystack, LongBench."""
