@@ -35,10 +35,11 @@ def write_heatmap(
 
     scores = np.asarray(scores, dtype=float)
     if scores.shape != (len(depths), len(lengths)):
-        raise ValueError(f"scores have shape {scores.shape}, expected {(len(depths), len(lengths))}")
+        raise ValueError(
+            f"scores have shape {scores.shape}, expected {(len(depths), len(lengths))}"
+        )
     low, high = score_range
-    cmap = plt.get_cmap("RdYlGn").copy()
-    cmap.set_bad("#d9d9d9")
+    cmap = plt.get_cmap("RdYlGn").with_extremes(bad="#d9d9d9")
     width = max(6.0, 0.9 * len(lengths) + 3.0)
     height = max(4.0, 0.5 * len(depths) + 2.0)
     fig, ax = plt.subplots(figsize=(width, height), dpi=120)
@@ -72,4 +73,4 @@ def _annotate(ax, scores: np.ndarray, low: float, high: float) -> None:
             text = f"{value:.2g}" if high <= 1 else f"{value:.1f}"
             middle = abs((value - low) / (high - low) - 0.5) < 0.3 if high > low else True
             colour = "black" if middle else "white"
-        ax.text(col, row, text, ha="center", va="center", fontsize=7, color=colour)
+        ax.text(col, row, text, ha="center", va="center", fontsize=8, color=colour)

@@ -38,6 +38,7 @@ from megatron_longalign.eval import haystack as hs
 from megatron_longalign.eval.needle_grid import GridError, case_key, depth_grid, length_grid
 from megatron_longalign.eval.needle_report import log_to_wandb, write_report
 from megatron_longalign.eval.needle_scoring import judge_answer, phrase_recall
+from megatron_longalign.utils.atomic_files import write_text_durably
 from megatron_longalign.utils.jsonl_records import RecordAppender, read_records
 
 NEEDLE = "The best thing to do in San Francisco is eat a sandwich and sit in Dolores Park on a sunny day."
@@ -157,7 +158,7 @@ def _check_resume(settings: NeedleSettings, identity: dict[str, Any]) -> dict[st
             )
     else:
         settings.output.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(identity, indent=2) + "\n", encoding="utf-8")
+        write_text_durably(path, json.dumps(identity, indent=2) + "\n")
     return {r["key"]: r for r in read_records(settings.output / "results.jsonl")}
 
 
@@ -197,7 +198,9 @@ def run_needle(settings: NeedleSettings, generator, judge=None) -> dict[str, Any
         cases = [make_case(settings, tokenizer, index, *cell) for cell in todo]
         by_key = {case.key: case for case in cases}
         with RecordAppender(settings.output / "results.jsonl") as results:
-            for generation in _scored(settings, judge, _generate(generator, cases, settings.max_new_tokens)):
+            for generation in _scored(
+                settings, judge, _generate(generator, cases, settings.max_new_tokens)
+            ):
                 record = _record(by_key[generation[0].key], *generation)
                 results.append(record)
                 done[record["key"]] = record
@@ -219,7 +222,9 @@ def _scored(settings: NeedleSettings, judge, generations: Iterator) -> Iterator[
         for generation in generations:
             yield generation, _score(settings, None, generation.text)
         return
-    scoring = judge.map(lambda g: _score(settings, judge, g.text), generations, desc="needle: judge")
+    scoring = judge.map(
+        lambda g: _score(settings, judge, g.text), generations, desc="needle: judge"
+    )
     yield from scoring
 
 
@@ -274,13 +279,17 @@ def add_cli(subparsers) -> None:
     grid.add_argument("--max-depth", type=float, help="default 90")
     grid.add_argument("--num-depths", type=int, help="evenly spaced depths (default 10)")
     source = parser.add_argument_group("haystack and needle")
-    source.add_argument("--haystack-dir", help="directory of *.txt files (sorted, repeated if short)")
+    source.add_argument(
+        "--haystack-dir", help="directory of *.txt files (sorted, repeated if short)"
+    )
     source.add_argument("--haystack", choices=("dir", "generated"), default=None,
                         help="generated: a built-in deterministic haystack (demo)")  # fmt: skip
     source.add_argument("--seed", type=int, default=0, help="seed of the generated haystack")
     source.add_argument("--needle", default=NEEDLE)
     source.add_argument("--question", default=QUESTION)
-    source.add_argument("--key-phrases", help='comma-separated (default "sandwich,Dolores Park,sunny day")')
+    source.add_argument(
+        "--key-phrases", help='comma-separated (default "sandwich,Dolores Park,sunny day")'
+    )
     source.add_argument("--max-new-tokens", type=int, default=128)
     scoring = parser.add_argument_group("scoring and output")
     scoring.add_argument("--output", required=True, help="output directory")
@@ -323,7 +332,9 @@ def settings_from_args(args: argparse.Namespace) -> NeedleSettings:
         key_phrases=phrases,
         max_new_tokens=args.max_new_tokens,
         max_length=getattr(args, "max_length", None),
-        model_name=Path(str(model).rstrip("/")).name or str(model),
+        # the last two path parts: "outputs/demo/hf" -> "demo/hf" (an exported dir is
+        # often just "hf")
+        model_name="/".join(Path(str(model)).parts[-2:]) or str(model),
         judge_retries=args.judge_retries,
         wandb_project=args.wandb_project,
     )

@@ -26,7 +26,7 @@ class GridError(ValueError):
 
 
 def parse_length(text: str, option: str = "--lengths") -> int:
-    """"8k" -> 8000, "1.5k" -> 1500, "700" -> 700."""
+    """ "8k" -> 8000, "1.5k" -> 1500, "700" -> 700."""
     match = _LENGTH.match(text)
     if not match:
         raise GridError(f"{option}: {text!r} is not a token count (e.g. 4000 or 4k)")

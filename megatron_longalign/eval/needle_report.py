@@ -9,6 +9,7 @@ import io
 import json
 import math
 import os
+import warnings
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
@@ -78,7 +79,8 @@ def summarize(
     statuses = Counter(r["status"] for r in present)
     statuses["missing"] = len(grid) - len(present)
     table = score_table(records, lengths, depths)
-    with np.errstate(all="ignore"):  # an all-NaN row or column is reported as null
+    with warnings.catch_warnings():  # an all-NaN row or column is reported as null
+        warnings.simplefilter("ignore", RuntimeWarning)
         by_length = np.nanmean(table, axis=0) if scored else np.full(len(lengths), np.nan)
         by_depth = np.nanmean(table, axis=1) if scored else np.full(len(depths), np.nan)
     return {
@@ -101,7 +103,9 @@ def _nullable(value: float) -> float | None:
     return None if math.isnan(value) else float(value)
 
 
-def write_report(output: Path, records: dict[str, dict], lengths, depths, *, model: str, scorer: str):
+def write_report(
+    output: Path, records: dict[str, dict], lengths, depths, *, model: str, scorer: str
+):
     """scores.csv, heatmap.png and summary.json in `output`; returns the summary."""
     summary = summarize(records, lengths, depths, model=model, scorer=scorer)
     write_scores_csv(output / "scores.csv", records, lengths, depths)
@@ -123,7 +127,9 @@ def write_report(output: Path, records: dict[str, dict], lengths, depths, *, mod
     return summary
 
 
-def log_to_wandb(png: Path, summary: dict, project: str | None, run_name: str, directory: Path) -> bool:
+def log_to_wandb(
+    png: Path, summary: dict, project: str | None, run_name: str, directory: Path
+) -> bool:
     """Log the heatmap and mean score to the active wandb run, or to a new run of
     `project` (mode from WANDB_MODE / WANDB_API_KEY, see training/logger); False when
     neither exists."""

@@ -2,8 +2,9 @@
 answer depends on where the needle sits in the prompt, so a heatmap has structure and
 its scores can be worked out by hand:
 
-- needle in the first half of the prompt (by characters): the needle sentence (recall 1);
-- in the third quarter: "You should eat a sandwich." (recall 1/3);
+- the needle starting in the first 45% of the prompt (by characters): the needle
+  sentence (recall 1);
+- starting before 75%: "You should eat a sandwich." (recall 1/3);
 - later, or absent: "I could not find it." (recall 0).
 """
 
@@ -16,6 +17,7 @@ from dataclasses import dataclass
 try:
     from megatron_longalign.eval.generation import Generation, GenerationRequest
 except ImportError:  # eval/generation.py comes from the "gen" branch; the contract's types
+
     @dataclass(frozen=True)
     class GenerationRequest:  # type: ignore[no-redef]
         key: str
@@ -41,11 +43,11 @@ FULL, PARTIAL, NOTHING = NEEDLE, "You should eat a sandwich.", "I could not find
 
 
 def fake_answer(prompt: str) -> str:
-    where = prompt.find("Dolores Park")
+    where = prompt.find(NEEDLE)
     if where < 0:
         return NOTHING
     fraction = where / len(prompt)
-    return FULL if fraction < 0.5 else PARTIAL if fraction < 0.75 else NOTHING
+    return FULL if fraction < 0.45 else PARTIAL if fraction < 0.75 else NOTHING
 
 
 class FakeGenerator:
