@@ -98,10 +98,11 @@ class PromptBuilder:
 
     def answer_text(self, ids: Sequence[int]) -> tuple[str, int]:
         """(text, completion tokens) of generated ids: cut at the first stop id (which
-        counts as generated), decoded, surrounding whitespace stripped."""
+        counts as generated), decoded without special tokens (as servers do by default),
+        surrounding whitespace stripped."""
         ids = [int(i) for i in ids]
         stops = set(self.stop_ids)
         end = next((i for i, token in enumerate(ids) if token in stops), None)
         count = len(ids) if end is None else end + 1
-        body = ids if end is None else ids[:end]
+        body = [i for i in (ids if end is None else ids[:end]) if not self.tokenizer.is_special(i)]
         return self.tokenizer.decode(body).strip(), count
