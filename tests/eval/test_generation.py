@@ -268,3 +268,38 @@ def test_cli_options_round_trip():
     )
     defaults = generation_options_from_args(parser.parse_args(["--model", "m"]))
     assert defaults == GenerationOptions("transformers", "m")
+
+
+@pytest.mark.slow
+def test_a_trainer_checkpoint_is_exported_and_generates_as_its_hf_model(tmp_path, model_dir):
+    """--model may be a trainer checkpoint: exported to a temporary directory (removed on
+    close) that generates exactly what the HF model it was imported from generates."""
+    import subprocess
+    import sys
+
+    checkpoint = tmp_path / "ckpt"
+    imported = subprocess.run(
+        [sys.executable, str(REPO / "tools" / "convert_hf.py"), "import", "--hf-dir",
+         str(model_dir), "--output", str(checkpoint), "--dtype", "fp32", "--no-progress"],
+        capture_output=True, text=True, cwd=REPO,
+    )  # fmt: skip
+    assert imported.returncode == 0, imported.stderr
+    requests = [GenerationRequest(key, text, 5) for key, text in PROMPTS.items()]
+    expected = _generate(GenerationOptions("transformers", str(model_dir), device="cpu"), requests)
+    generator = build_generator(GenerationOptions("transformers", str(checkpoint), device="cpu"))
+    exported = generator.source.directory
+    assert (exported / "model.safetensors").is_file()
+    try:
+        got = {g.key: g for g in generator.generate(requests)}
+    finally:
+        generator.close()
+    assert not exported.exists()
+    assert got == expected
+
+
+def test_a_checkpoint_that_cannot_be_exported_names_it(tmp_path):
+    broken = tmp_path / "ckpt"
+    broken.mkdir()
+    (broken / "latest").write_text("step_5\n")
+    with pytest.raises(ModelSourceError, match=f"cannot export checkpoint {broken}"):
+        build_generator(GenerationOptions("transformers", str(broken)))
