@@ -56,7 +56,10 @@ def resolve_template(
     if recorded is None and data_prefix is not None:
         recorded = data_template(data_prefix)
     if explicit is not None:
-        get_template(explicit)  # unknown names fail here, before any work
+        if explicit not in TEMPLATES:  # before any work
+            raise ConversionError(
+                f"unknown template {explicit!r}; choose one of {sorted(TEMPLATES)}"
+            )
         if recorded is not None and recorded != explicit:
             logger.warning(
                 "exporting chat template %r, but the model was trained with %r", explicit, recorded

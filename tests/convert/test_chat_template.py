@@ -143,7 +143,7 @@ def test_template_resolution_order(tmp_path, caplog):
     with caplog.at_level("WARNING"):
         assert resolve_template("chatml", recorded) == "chatml"
     assert "trained with 'llama3'" in caplog.text
-    with pytest.raises(ValueError, match="unknown template 'nope'"):
+    with pytest.raises(ConversionError, match="unknown template .nope."):
         resolve_template("nope", {})
     with pytest.raises(ConversionError, match="not a preprocessed prefix"):
         resolve_template(None, {}, tmp_path / "missing")
