@@ -48,8 +48,12 @@ def run_config(
         output=str(output),
         tokenizer=tokenizer,
         endpoint=Endpoint(
-            base_url, concurrency=concurrency, max_retries=max_retries, timeout=30.0,
-            price_input=2.0, price_output=10.0,
+            base_url,
+            concurrency=concurrency,
+            max_retries=max_retries,
+            timeout=30.0,
+            price_input=2.0,
+            price_output=10.0,
         ),  # fmt: skip
         settings=GenerationSettings(model="stub-generator", seed=seed, max_attempts=3),
         selection=SelectionRules(**selection),

@@ -32,10 +32,33 @@ def marker_of(body: dict) -> str:
     return user_content(body).split(maxsplit=1)[0]
 
 
+EN_TOPICS = (
+    "Who guards the amber gate",
+    "Where are the copper lanterns sold",
+    "Why does the city weave lanterns",
+    "When was the secret code set",
+    "How does Tomas Verdane open the gate",
+)
+ZH_TOPICS = (
+    "谁守护琥珀门",
+    "铜灯笼卖到哪里",
+    "这座城市为何编织灯笼",
+    "密码是何时设定的",
+    "托马斯如何打开城门",
+)
+
+
+def questions_for(marker: str, chinese: bool = False) -> list[str]:
+    """The 5 (distinct) questions the fake proposes for a document."""
+    if chinese:
+        return [f"在{marker}中，{topic}？" for topic in ZH_TOPICS]
+    return [f"In {marker}, {topic.lower()}?" for topic in EN_TOPICS]
+
+
 def good_questions(marker: str, chinese: bool = False) -> str:
     if chinese:
-        return "\n".join(f"{i}：{marker}的第{i}部分讲了什么？" for i in range(1, 6))
-    lines = [f"{i}: What does part {i} of {marker} say about topic {i}?" for i in range(1, 6)]
+        return "\n".join(f"{i}：{q}" for i, q in enumerate(questions_for(marker, True), 1))
+    lines = [f"{i}: {q}" for i, q in enumerate(questions_for(marker), 1)]
     return "Here are the questions:\n" + "\n".join(lines)
 
 
