@@ -197,9 +197,11 @@ def test_endpoint_down_mid_run_then_resume_without_duplicates(tmp_path, english_
         return None
 
     config = run_config([english_docs], out, sp_model, "", concurrency=1, max_retries=1)
-    with OpenAIStub(FakeModel(dies_after_three_answers)) as server:
-        with pytest.raises(ChatAPIError, match="HTTP 500"):
-            run_self_instruct(_at(config, server.base_url))
+    with (
+        OpenAIStub(FakeModel(dies_after_three_answers)) as server,
+        pytest.raises(ChatAPIError, match="HTTP 500"),
+    ):
+        run_self_instruct(_at(config, server.base_url))
     assert sorted(s["meta"]["document_id"] for s in records(out)) == ["d0", "d2", "d3"]
     assert [r["document_id"] for r in records(tmp_path / "samples.rejects.jsonl")] == ["d1"]
     summary = json.loads((tmp_path / "samples.summary.json").read_text())
@@ -332,7 +334,9 @@ def test_a_bad_document_line_stops_the_run_before_any_request(tmp_path, sp_model
     docs = tmp_path / "docs.jsonl"
     docs.write_text('{"id": "a", "text": "fine text"}\n{"id": "b", "body": "oops"}\n')
     requests_seen = threading.Event()
-    with OpenAIStub(lambda body: requests_seen.set() or "x") as server:
-        with pytest.raises(ValueError, match=rf"{docs}:2: no 'text' field"):
-            run_self_instruct(run_config([docs], tmp_path / "s.jsonl", sp_model, server.base_url))
+    with (
+        OpenAIStub(lambda body: requests_seen.set() or "x") as server,
+        pytest.raises(ValueError, match=rf"{docs}:2: no 'text' field"),
+    ):
+        run_self_instruct(run_config([docs], tmp_path / "s.jsonl", sp_model, server.base_url))
     assert not requests_seen.is_set() and not (tmp_path / "s.jsonl").exists()
