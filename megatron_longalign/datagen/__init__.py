@@ -7,5 +7,6 @@ Modules, one job each: `language` (English or Chinese), `prompts` (the four task
 prompts), `documents` (readers and stable ids), `selection` (token-length window and
 upsampling), `parsing` (strict question lists, refusals, near-duplicates), `job` (one
 document through the model), `settings` (run settings and the sidecar that guards
-resumes), `runner` (the whole run: resume, concurrency, records, summary).
+resumes), `ledger` (what an output already holds), `runner` (the whole run: resume,
+concurrency, records, summary), `report` (the summary for the console).
 """
