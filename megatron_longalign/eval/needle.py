@@ -35,6 +35,11 @@ from typing import Any
 
 from megatron_longalign.data.tokenizer import TextTokenizer, load_tokenizer
 from megatron_longalign.eval import haystack as hs
+from megatron_longalign.eval.judge import (
+    JudgeOptionsError,
+    add_judge_arguments,
+    judge_client_from_args,
+)
 from megatron_longalign.eval.needle_grid import GridError, case_key, depth_grid, length_grid
 from megatron_longalign.eval.needle_report import log_to_wandb, write_report
 from megatron_longalign.eval.needle_scoring import judge_answer, phrase_recall
@@ -173,7 +178,7 @@ def _score(settings: NeedleSettings, judge, answer: str) -> dict[str, Any]:
         "score": judgement.rating,
         "status": "scored" if judgement.rating is not None else "unparsed",
         "scorer": "judge",
-        "judge_replies": list(judgement.replies),
+        "judge_replies": list(judgement.texts),
     }
 
 
@@ -293,11 +298,11 @@ def add_cli(subparsers) -> None:
     source.add_argument("--max-new-tokens", type=int, default=128)
     scoring = parser.add_argument_group("scoring and output")
     scoring.add_argument("--output", required=True, help="output directory")
-    scoring.add_argument("--judge-base-url", help="OpenAI-compatible judge endpoint")
-    scoring.add_argument("--judge-model", help="judge model name")
-    scoring.add_argument("--judge-retries", type=int, default=2)
-    scoring.add_argument("--judge-concurrency", type=int, default=8)
+    scoring.add_argument(
+        "--judge-retries", type=int, default=2, help="re-asks of a judge reply without a rating"
+    )
     scoring.add_argument("--wandb-project", help="log the heatmap to wandb (mode: WANDB_MODE)")
+    add_judge_arguments(parser)  # optional: key-phrase recall without a judge
     parser.set_defaults(func=run_cli)
 
 
@@ -316,8 +321,6 @@ def settings_from_args(args: argparse.Namespace) -> NeedleSettings:
             raise NeedleError("--key-phrases: no phrases given")
     elif args.needle != NEEDLE:
         raise NeedleError("--needle changed: give its --key-phrases too (recall is scored on them)")
-    if (args.judge_base_url is None) != (args.judge_model is None):
-        raise NeedleError("--judge-base-url and --judge-model go together")
     if args.max_new_tokens < 1 or args.judge_retries < 0:
         raise NeedleError("--max-new-tokens must be >= 1 and --judge-retries >= 0")
     model = getattr(args, "served_model", None) or getattr(args, "model", None) or "model"
@@ -347,17 +350,10 @@ def run_cli(args: argparse.Namespace, generator=None) -> int:
     one is built from the shared generation options (eval/generation.py)."""
     try:
         settings = settings_from_args(args)
-    except (GridError, NeedleError, hs.HaystackError) as err:
+        judge = judge_client_from_args(args, settings.output / "judge_cache.jsonl")
+    except (GridError, NeedleError, hs.HaystackError, JudgeOptionsError) as err:
         print(f"needle: error: {err}", file=sys.stderr)
         return 2
-    judge = None
-    if args.judge_base_url:
-        from megatron_longalign.utils.chat_api import ChatClient
-
-        judge = ChatClient(
-            args.judge_base_url, args.judge_model, concurrency=args.judge_concurrency,
-            cache_path=settings.output / "judge_cache.jsonl",
-        )  # fmt: skip
     own_generator = generator is None
     if own_generator:
         from megatron_longalign.eval.generation import build_generator, generation_options_from_args

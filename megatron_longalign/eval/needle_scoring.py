@@ -8,9 +8,9 @@ boundaries ("sunny day" is found in "...on a Sunny-day!", "park" is not found in
 
 Judge: THUDM/LongAlign's needle judge prompt (Needle_test/eval.py): the question, the
 needle as ground truth and the answer, an "accuracy" rubric, rated 1-10 as "[[n]]". The
-rating is the last "[[n]]" with 1 <= n <= 10 in the reply. A reply without one is asked
-again (a new request: a different cache salt), up to `retries` times; after that the case
-is recorded as unparsed with no score, counted in the summary, never scored 0.
+rating is read and re-asked for as in LongBench-Chat (eval/judge.py `rate`): a reply
+without one is asked again, up to `retries` times; after that the case is recorded as
+unparsed with no score, counted in the summary, never scored 0.
 """
 
 from __future__ import annotations
@@ -18,12 +18,11 @@ from __future__ import annotations
 import re
 import unicodedata
 from collections.abc import Sequence
-from dataclasses import dataclass
 
+from megatron_longalign.eval.judge import JudgedRating, rate
 from megatron_longalign.utils.chat_api import ChatClient
 
 _NOT_WORD = re.compile(r"[\W_]+")
-_RATING = re.compile(r"\[\[\s*(\d+(?:\.\d+)?)\s*\]\]")
 
 JUDGE_SYSTEM = "You are a helpful assistant."
 JUDGE_CRITERIA = (
@@ -62,21 +61,6 @@ def phrase_recall(answer: str, phrases: Sequence[str]) -> tuple[float, list[str]
     return len(found) / len(phrases), found
 
 
-def parse_rating(reply: str) -> float | None:
-    """The last "[[n]]" in `reply` with 1 <= n <= 10, else None."""
-    for match in reversed(_RATING.findall(reply)):
-        value = float(match)
-        if 1 <= value <= 10:
-            return value
-    return None
-
-
-@dataclass(frozen=True)
-class Judgement:
-    rating: float | None  # None: no rating could be parsed from any attempt
-    replies: tuple[str, ...]  # every reply, in order
-
-
 def judge_messages(question: str, reference: str, answer: str) -> list[dict]:
     user = JUDGE_TEMPLATE.format(
         criteria=JUDGE_CRITERIA, reference=reference, question=question, answer=answer
@@ -86,14 +70,6 @@ def judge_messages(question: str, reference: str, answer: str) -> list[dict]:
 
 def judge_answer(
     client: ChatClient, question: str, reference: str, answer: str, *, retries: int = 2
-) -> Judgement:
+) -> JudgedRating:
     """Rate `answer` 1-10 against `reference`; unparseable replies are asked again."""
-    messages = judge_messages(question, reference, answer)
-    replies: list[str] = []
-    for attempt in range(retries + 1):
-        reply = client.chat(messages, cache_salt="" if attempt == 0 else f"retry{attempt}")
-        replies.append(reply.text)
-        rating = parse_rating(reply.text)
-        if rating is not None:
-            return Judgement(rating, tuple(replies))
-    return Judgement(None, tuple(replies))
+    return rate(client, judge_messages(question, reference, answer), attempts=retries + 1)

@@ -10,33 +10,7 @@ its scores can be worked out by hand:
 
 from __future__ import annotations
 
-import sys
-import types
-from dataclasses import dataclass
-
-try:
-    from megatron_longalign.eval.generation import Generation, GenerationRequest
-except ImportError:  # eval/generation.py comes from the "gen" branch; the contract's types
-
-    @dataclass(frozen=True)
-    class GenerationRequest:  # type: ignore[no-redef]
-        key: str
-        prompt: str
-        max_new_tokens: int
-
-    @dataclass(frozen=True)
-    class Generation:  # type: ignore[no-redef]
-        key: str
-        text: str
-        prompt_tokens: int
-        completion_tokens: int
-        truncated_tokens: int
-
-    _module = types.ModuleType("megatron_longalign.eval.generation")
-    _module.GenerationRequest = GenerationRequest
-    _module.Generation = Generation
-    sys.modules["megatron_longalign.eval.generation"] = _module
-
+from megatron_longalign.eval.generation import Generation
 from megatron_longalign.eval.needle import NEEDLE
 
 FULL, PARTIAL, NOTHING = NEEDLE, "You should eat a sandwich.", "I could not find it."

@@ -9,58 +9,18 @@ import argparse
 import itertools
 import json
 import re
-import sys
 import threading
-import types
 from collections import Counter
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-
-def _install_generation_standin() -> None:
-    """eval/generation.py is written by another helper in parallel: until it lands, a
-    stand-in with the contract's names lets this module import. Once the real module
-    exists it is used (the tests below only need the Protocol's shape)."""
-    try:
-        import megatron_longalign.eval.generation  # noqa: F401
-    except ModuleNotFoundError as err:
-        if err.name != "megatron_longalign.eval.generation":
-            raise
-        module = types.ModuleType("megatron_longalign.eval.generation")
-
-        @dataclass(frozen=True)
-        class GenerationRequest:
-            key: str
-            prompt: str
-            max_new_tokens: int
-
-        @dataclass(frozen=True)
-        class Generation:
-            key: str
-            text: str
-            prompt_tokens: int
-            completion_tokens: int
-            truncated_tokens: int
-
-        def unavailable(*args, **kwargs):
-            raise NotImplementedError("eval/generation.py has not landed on this branch")
-
-        module.GenerationRequest, module.Generation = GenerationRequest, Generation
-        module.Generator = object
-        module.build_generator = module.generation_options_from_args = unavailable
-        sys.modules[module.__name__] = module
-
-
-_install_generation_standin()
-
-from megatron_longalign.eval import generation  # noqa: E402
-from megatron_longalign.eval import longbench_chat as lbc  # noqa: E402
-from megatron_longalign.eval.longbench_chat_data import load_cases  # noqa: E402
-from megatron_longalign.utils.chat_api import ChatAPIError, ChatClient  # noqa: E402
-from megatron_longalign.utils.jsonl_records import read_records  # noqa: E402
-from tests.helpers.openai_server import OpenAIStub, StubReply  # noqa: E402
+from megatron_longalign.eval import generation
+from megatron_longalign.eval import longbench_chat as lbc
+from megatron_longalign.eval.longbench_chat_data import load_cases
+from megatron_longalign.utils.chat_api import ChatAPIError, ChatClient
+from megatron_longalign.utils.jsonl_records import read_records
+from tests.helpers.openai_server import OpenAIStub, StubReply
 
 # ---- the benchmark files, the model and the judge -------------------------------------
 

@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 from megatron_longalign.eval import needle
-from megatron_longalign.eval.needle_scoring import normalize, parse_rating, phrase_recall
+from megatron_longalign.eval.judge import parse_rating
+from megatron_longalign.eval.needle_scoring import normalize, phrase_recall
 from megatron_longalign.utils.jsonl_records import read_records
 from tests.eval.needle_fakes import FULL, NOTHING, PARTIAL, FakeGenerator
 from tests.helpers.openai_server import OpenAIStub
@@ -48,10 +49,10 @@ def test_recall_by_hand():
 
 
 def test_rating_parse():
-    assert parse_rating("Explanation... Rating: [[7]]") == 7
-    assert parse_rating("[[3]] at first, finally [[ 9 ]]") == 9
-    assert parse_rating("Rating: [[11]]") is None
-    assert parse_rating("I would give it a 10") is None
+    assert parse_rating("Explanation... Rating: [[7]]").value == 7
+    assert parse_rating("[[3]] at first, finally [[ 9 ]]").value == 9
+    assert parse_rating("Rating: [[11]]").value is None
+    assert parse_rating("I would give it a 10").value is None
 
 
 def test_run_scores_csv_png_summary(tmp_path):
