@@ -9,8 +9,9 @@ STAMP := $(VENV)/.installed
 TORCH_SPEC ?= torch==2.13.0
 DEMO_OUT ?= outputs/demo
 GATEAU_OUT ?= outputs/gateau_demo
+EVAL_OUT ?= outputs/eval_demo
 
-.PHONY: venv demo gateau-demo test lint bench-preprocess bench-packing bench-dataloader clean
+.PHONY: venv demo gateau-demo eval-demo test lint bench-preprocess bench-packing bench-dataloader clean
 
 venv: $(STAMP)
 
@@ -57,6 +58,28 @@ gateau-demo: $(STAMP)
 	$(PY) tools/gateau.py select --prefix $(GATEAU_OUT)/mix \
 		--scores $(GATEAU_OUT)/scores/scores.jsonl --output-prefix $(GATEAU_OUT)/selected \
 		--ratio 0.1 --overwrite
+
+# Train -> export -> evaluate on CPU in a few minutes (docs/EVALUATION.md): the tiny model
+# trained on the bundled data (as `make demo`), exported to a Hugging Face directory
+# (with the training chat template), then a needle-in-a-haystack heatmap through
+# transformers on a generated haystack: $(EVAL_OUT)/needle/heatmap.png. A model this
+# small finds no needle; the point is the whole path. Reruns resume the evaluation.
+eval-demo: $(STAMP)
+	$(PY) tools/preprocess.py --input data/sample/long.jsonl.gz \
+		--tokenizer data/sample/tokenizer.model --template llama2 \
+		--output-prefix $(EVAL_OUT)/long --max-length 65536 --on-overlength truncate-middle \
+		--overwrite
+	$(PY) tools/preprocess.py --input data/sample/short_chat.jsonl.gz \
+		--tokenizer data/sample/tokenizer.model --template llama2 \
+		--output-prefix $(EVAL_OUT)/short_chat --max-length 65536 --overwrite
+	DEMO_OUT=$(EVAL_OUT) $(PY) -m megatron_longalign.train +experiment=smoke name=eval_demo \
+		train.max_steps=20 train.save_interval=20 train.output_dir=$(EVAL_OUT)/model
+	rm -rf $(EVAL_OUT)/hf  # the demo's own export: re-made from the checkpoint
+	$(PY) tools/convert_hf.py export --checkpoint $(EVAL_OUT)/model/checkpoints \
+		--output $(EVAL_OUT)/hf
+	$(PY) tools/evaluate.py needle --backend transformers --model $(EVAL_OUT)/hf \
+		--haystack generated --lengths 250,500,1k,2k --num-depths 5 --max-new-tokens 32 \
+		--output $(EVAL_OUT)/needle
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests

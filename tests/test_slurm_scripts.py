@@ -99,3 +99,27 @@ def test_gateau_script_names_missing_variables():
         ["bash", str(REPO / "slurm" / "gateau.sh")], env=env, capture_output=True, text=True
     )
     assert result.returncode != 0 and "PREFIX" in result.stderr
+
+
+def test_evaluate_script_dry_run_passes_the_task_and_its_options(tmp_path):
+    env = dict(os.environ, SLURM_JOB_ID="9", TASK="needle", MODEL="hf/", DRY_RUN="1")
+    env.update({"OUTPUT": str(tmp_path / "needle"), "REPO_DIR": str(REPO)})
+    result = subprocess.run(
+        ["bash", str(REPO / "slurm" / "evaluate.sh"), "--haystack", "generated"],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stderr
+    line = next(x for x in result.stdout.splitlines() if x.startswith("evaluate:"))
+    assert "tools/evaluate.py needle --backend vllm --model hf/ --output" in line
+    assert line.endswith("--haystack generated")
+
+
+def test_evaluate_script_names_missing_variables():
+    env = {k: v for k, v in os.environ.items() if k not in ("TASK", "MODEL")}
+    env["SLURM_JOB_ID"] = "7"
+    result = subprocess.run(
+        ["bash", str(REPO / "slurm" / "evaluate.sh")], env=env, capture_output=True, text=True
+    )
+    assert result.returncode != 0 and "TASK" in result.stderr

@@ -40,8 +40,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from megatron_longalign.eval.generation import GenerationError, ModelSourceError
+    from megatron_longalign.utils.chat_api import ChatAPIError
+
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except (GenerationError, ModelSourceError) as err:  # the model or backend: bad input
+        print(f"evaluate {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except ChatAPIError as err:  # finished cases are kept: rerun the command to resume
+        print(f"evaluate {args.command}: error: {err} (rerun to resume)", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -46,6 +46,7 @@ from megatron_longalign.convert.model_io import (
     global_parameters,
 )
 from megatron_longalign.convert.safetensors_writer import SafetensorsStreamWriter, tensor_nbytes
+from megatron_longalign.data.tokenizer import tokenizer_fingerprint
 
 logger = logging.getLogger(__name__)
 
@@ -157,7 +158,7 @@ def export_checkpoint(
     _check_sources(sources, shapes, params)
     shards = shard_plan(shapes, out_dtype, max_bytes)
     names = shard_file_names(len(shards))
-    copy_from = _tokenizer_source(tokenizer_dir, record)
+    copy_from = _tokenizer_source(tokenizer_dir, record, extra.get("data") or {})
     chat_template = resolve_template(template, extra, data_prefix)
     if chat_template is None:
         logger.warning("no chat template known (pass --template): none exported")
@@ -313,7 +314,12 @@ def _check_sources(sources: dict[str, list], shapes: dict[str, tuple], params: d
         raise RuntimeError(f"model parameters not exported: {sorted(unused)}")
 
 
-def _tokenizer_source(tokenizer_dir: str | Path | None, record: dict[str, Any]) -> Path | None:
+def _tokenizer_source(
+    tokenizer_dir: str | Path | None, record: dict[str, Any], data: dict[str, Any]
+) -> Path | None:
+    """Where the tokenizer files come from: --tokenizer, else the HF directory the
+    checkpoint was imported from, else the tokenizer the training data was made with (a
+    directory, or a sentencepiece model file) if it is still there unchanged."""
     if tokenizer_dir is not None:
         path = Path(tokenizer_dir)
         if not path.is_dir():
@@ -326,12 +332,33 @@ def _tokenizer_source(tokenizer_dir: str | Path | None, record: dict[str, Any]) 
         return Path(source)
     if source:
         logger.warning("the imported source %s is gone: no tokenizer files exported", source)
-    return None
+        return None
+    return _training_tokenizer(data.get("tokenizer") or {})
+
+
+def _training_tokenizer(recorded: dict[str, Any]) -> Path | None:
+    path = recorded.get("path")
+    if not path:
+        return None
+    if not Path(path).exists():
+        logger.warning("the training tokenizer %s is gone: no tokenizer files exported", path)
+        return None
+    if tokenizer_fingerprint(path) != recorded.get("sha256"):
+        logger.warning(
+            "the training tokenizer %s changed since the data was made: not exported "
+            "(pass --tokenizer)",
+            path,
+        )
+        return None
+    return Path(path)
 
 
 def _copy_tokenizer(source: Path | None, temp: Path) -> list[str]:
     if source is None:
         return []
+    if source.is_file():  # a sentencepiece model: the name transformers looks for
+        shutil.copyfile(source, temp / "tokenizer.model")
+        return ["tokenizer.model"]
     copied = []
     for name in TOKENIZER_FILES:
         if (source / name).is_file():

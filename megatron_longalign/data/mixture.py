@@ -8,7 +8,9 @@ weight of 1.0 takes every sample exactly once per epoch.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 
@@ -69,6 +71,19 @@ class DatasetMixture:
     @property
     def tokenizer_metadata(self) -> dict:
         return self.datasets[0].metadata["tokenizer"]
+
+    def provenance(self) -> dict:
+        """What the token ids mean, for a checkpoint's record (export writes the tokenizer
+        and chat template from it): the tokenizer (its path made absolute while it still
+        resolves, with its sha256) and the chat template, or None when the sources were
+        rendered with different templates."""
+        tokenizer = dict(self.tokenizer_metadata)
+        path = tokenizer.get("path")
+        if path and Path(path).exists():
+            tokenizer["path"] = str(Path(path).resolve())
+        templates = {json.dumps(d.metadata.get("template"), sort_keys=True) for d in self.datasets}
+        template = self.datasets[0].metadata.get("template") if len(templates) == 1 else None
+        return {"tokenizer": tokenizer, "template": template}
 
     def __len__(self) -> int:
         return int(self.offsets[-1])

@@ -263,6 +263,8 @@ class Trainer:
             "name": self.config.name,
             # What the weights are (tools/convert_hf.py export builds the HF config from it).
             "model_config": dataclasses.asdict(self.config.model),
+            # What the token ids mean (export writes the tokenizer and chat template).
+            "data": self.data.mixture.provenance(),
             **self.init_record,
         }
         path = self.checkpoints.save(
