@@ -103,7 +103,8 @@ class MetricsFile:
                 start_step,
                 dropped_path(self.path),
             )
-        self._handle = open(self.path, "a", encoding="utf-8")
+        # Open for the whole run (closed by close()): one durable line per logged step.
+        self._handle = open(self.path, "a", encoding="utf-8")  # noqa: SIM115
 
     def append(self, step: int, split: str, metrics: Mapping[str, float]) -> None:
         record = {"step": int(step), "split": split, "time": round(time.time(), 3)}

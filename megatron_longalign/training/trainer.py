@@ -379,9 +379,7 @@ class Trainer:
         """Validation metrics of the current model (training/validation.py); the same on
         every rank. Collective. Changes nothing of the training state."""
         if self.validator is None:
-            raise ConfigError(
-                ["validation needs data.valid_sources or data.valid_fraction > 0"]
-            )
+            raise ConfigError(["validation needs data.valid_sources or data.valid_fraction > 0"])
         return self.validator.run()
 
     def _maybe_validate(self, final: bool) -> None:

@@ -193,9 +193,7 @@ def per_document_reference(trainer: Trainer, sample_ids) -> list[tuple[int, np.n
                     torch.tensor([0, length], dtype=torch.int32), length
                 ),
             )[0]
-        nll = F.cross_entropy(
-            logits[:-1, : config.model.vocab_size], tokens[1:], reduction="none"
-        )
+        nll = F.cross_entropy(logits[:-1, : config.model.vocab_size], tokens[1:], reduction="none")
         is_target = torch.as_tensor(sample.loss_mask[1:], dtype=torch.bool)
         documents.append((length, nll[is_target].double().numpy()))
     return documents
