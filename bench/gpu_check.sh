@@ -67,7 +67,7 @@ if [[ $CPU == 1 ]]; then  # the CPU smoke run of the same steps, tiny sizes
   run_step tests 120 $PY -m pytest -q -p no:cacheprovider tests/model/test_attention.py -k gpu
   run_step backends 120 $PY bench/gpu_backend_check.py --device cpu --tokens 600 \
     --backends sdpa --output-json "$OUT/backend_check.json"
-  run_step loss 200 $PY bench/loss_memory_bench.py --quick --no-liger \
+  run_step loss 200 $PY bench/loss_memory_bench.py --quick --no-recompute \
     --output-json "$OUT/loss_memory.json"
   run_step throughput 120 $PY bench/train_throughput.py --device-profile cpu-smoke \
     --seq-lengths 256 --backends sdpa --steps 2 --warmup 1 --skip-batching \
@@ -79,7 +79,7 @@ else
   run_step backends 90 $PY bench/gpu_backend_check.py --device cuda --tokens 8192 \
     --backends flex,sdpa --output-json "$OUT/backend_check.json"
   run_step loss 120 $PY bench/loss_memory_bench.py --device cuda --dtype bf16 \
-    --tokens 65536 --vocabs 128256 --hiddens 2048,4096 --repeats 2 --no-liger \
+    --tokens 65536 --vocabs 128256 --hiddens 2048,4096 --repeats 2 --no-recompute \
     --output-json "$OUT/loss_memory.json"
   run_step throughput 200 $PY bench/train_throughput.py --device-profile gpu \
     --backends flex --seq-lengths 8192,16384,32768,65536 --steps 3 --warmup 2 \

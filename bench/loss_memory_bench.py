@@ -11,11 +11,13 @@ T tokens, hidden states [T, H] and an output weight [V_padded, H], both requirin
   ColumnParallelLinear calls it), the padded columns set to -inf by the model's own
   `_mask_padded_vocab` (in place), then megatron's
   `tensor_parallel.vocab_parallel_cross_entropy` on the full logits;
-- `chunked`: `chunked_linear_cross_entropy(..., valid_columns=V_real)`, the chunk size
-  from `auto_chunk_tokens` (as `model.loss_chunk_tokens: null`) or `--chunk-tokens`;
-- `liger` (bench only; at the first size, unless `--no-liger`): gradients computed in
-  forward, as Liger does, with the per-token weights passed into the loss; backward only
-  returns the stored gradients.
+- `chunked`: `chunked_linear_cross_entropy(..., valid_columns=V_real, grad_hint=w)` as
+  the trainer runs it (given the loss weights, it makes the gradients in forward), the
+  chunk size from `auto_chunk_tokens` (as `model.loss_chunk_tokens: null`) or
+  `--chunk-tokens`;
+- `recompute` (unless `--no-recompute`): the same without the weights, as any caller
+  whose loss is not a weighted sum of the NLL gets it: backward recomputes each chunk's
+  logits.
 
 The upstream gradient of each token's NLL is a random per-token weight (the loss weights
 of the training loss), and backward goes to the hidden states and the weight.
@@ -62,7 +64,7 @@ from megatron_longalign.utils.memory import (
 
 REPO = Path(__file__).resolve().parents[1]
 GIB = 2**30
-VARIANTS = ("standard", "chunked", "liger")
+VARIANTS = ("standard", "chunked", "recompute")
 DTYPE_BYTES = {"fp32": 4, "bf16": 2}
 
 
@@ -71,60 +73,6 @@ def padded_vocab(vocab: int, multiple: int) -> int:
 
 
 # ---- child: one variant, one size -----------------------------------------------------
-
-
-class _LigerStyle:
-    """Bench-only: gradients in forward (Liger's fused linear cross entropy), which needs
-    the per-token weights inside the loss. Forward returns sum_i w_i * nll_i and keeps the
-    fp32 hidden-state gradient [T, H] and weight gradient [V, H] until backward. Three
-    matmuls per chunk (logits, grad-hidden, grad-weight)."""
-
-    @staticmethod
-    def build():
-        import torch
-
-        class Fn(torch.autograd.Function):
-            @staticmethod
-            def forward(ctx, hidden, weight, labels, token_weights, valid, chunk):
-                shard = weight[:valid]
-                acc = torch.float32
-                grad_hidden = torch.empty(hidden.shape, dtype=acc, device=hidden.device)
-                grad_weight = torch.zeros(weight.shape, dtype=acc, device=weight.device)
-                loss = torch.zeros((), dtype=acc, device=hidden.device)
-                n = hidden.size(0)
-                rows = torch.arange(min(chunk, n), device=hidden.device)
-                for start in range(0, n, chunk):
-                    end = min(start + chunk, n)
-                    h, y, w = hidden[start:end], labels[start:end], token_weights[start:end]
-                    logits = (h @ shard.t()).to(acc)
-                    row_max = logits.max(dim=-1).values
-                    target = logits[rows[: end - start], y]
-                    logits.sub_(row_max[:, None]).exp_()
-                    sum_exp = logits.sum(dim=-1)
-                    loss += (w * (row_max + sum_exp.log() - target)).sum()
-                    logits.mul_((w / sum_exp)[:, None])  # softmax * w
-                    logits[rows[: end - start], y] -= w
-                    grad = logits.to(hidden.dtype)
-                    grad_hidden[start:end] = grad @ shard
-                    grad_weight[:valid].addmm_(grad.t().to(acc), h.to(acc))
-                    del logits, grad  # one chunk at a time, as fused_loss does
-                ctx.save_for_backward(grad_hidden, grad_weight)
-                ctx.dtypes = (hidden.dtype, weight.dtype)
-                return loss
-
-            @staticmethod
-            def backward(ctx, grad_loss):
-                grad_hidden, grad_weight = ctx.saved_tensors
-                return (
-                    grad_hidden.mul_(grad_loss).to(ctx.dtypes[0]),
-                    grad_weight.mul_(grad_loss).to(ctx.dtypes[1]),
-                    None,
-                    None,
-                    None,
-                    None,
-                )
-
-        return Fn
 
 
 class _MaskOwner:
@@ -204,12 +152,13 @@ def child(spec: dict) -> dict:
             nll = tensor_parallel.vocab_parallel_cross_entropy(masked, labels.view(tokens, 1))
             del logits, masked  # as when the model's _postprocess returns
             return (nll.view(tokens) * token_weights).sum()
-        if variant == "chunked":
-            nll = chunked_linear_cross_entropy(
-                h, w, labels, vocab_start=0, valid_columns=vocab, chunk_tokens=chunk, group=None
-            )
-            return (nll * token_weights).sum()
-        return _LigerStyle.build().apply(h, w, labels, token_weights, vocab, chunk)
+        # chunked: as the trainer runs it, given the loss weights (gradients in forward);
+        # recompute: without them (the chunk logits recomputed in backward).
+        hint = token_weights if variant == "chunked" else None
+        nll = chunked_linear_cross_entropy(
+            h, w, labels, valid_columns=vocab, chunk_tokens=chunk, grad_hint=hint
+        )
+        return (nll * token_weights).sum()
 
     if cuda:
         # One untimed pass first: cuBLAS handles, kernel selection and the caching
@@ -276,9 +225,7 @@ def bench_size(args, vocab: int, hidden: int, log) -> dict:
     repeats = args.repeats if flop <= args.big_tflop * 1e12 else 1
     estimate = standard_estimate(args.tokens, padded, hidden, dtype_bytes)
     inputs = (args.tokens + padded) * hidden * dtype_bytes
-    variants = ["standard", "chunked"] + (
-        ["liger"] if args.liger and (vocab, hidden) == (args.vocabs[0], args.hiddens[0]) else []
-    )
+    variants = ["standard", "chunked"] + (["recompute"] if args.recompute else [])
     runs: dict[str, list[dict]] = {v: [] for v in variants}
     skipped: dict[str, str] = {}
     for rep in range(repeats):
@@ -365,7 +312,7 @@ def agreement(row: dict) -> str:
         return "n/a" + note
     ref = res["standard"]
     worst = 0.0
-    for variant in ("chunked", "liger"):
+    for variant in ("chunked", "recompute"):
         if variant in res:
             for key in ("loss", "grad_hidden_norm", "grad_weight_norm"):
                 worst = max(worst, abs(res[variant][key] - ref[key]) / abs(ref[key]))
@@ -470,10 +417,10 @@ def main() -> int:
         help="sizes whose T x V x H matmul exceeds this many TFLOP run once",
     )
     parser.add_argument(
-        "--no-liger",
-        dest="liger",
+        "--no-recompute",
+        dest="recompute",
         action="store_false",
-        help="skip the Liger-style variant (gradients in forward; first size only)",
+        help="skip the variant without loss weights (logits recomputed in backward)",
     )
     parser.add_argument(
         "--memory-fraction",

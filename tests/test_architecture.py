@@ -25,7 +25,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("model", "data"),
     ("training",),
     ("planning", "convert", "devdata", "scoring"),
-    ("train", "gateau"),
+    ("train", "gateau", "eval", "datagen"),
 )
 # Layer 0 is a set of leaf modules that may use each other (utils is what everyone uses).
 _SHARED_LAYERS = {0}

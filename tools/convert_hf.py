@@ -80,6 +80,12 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("llama", "mistral", "qwen2"),
         help="HF model_type (default: the imported one; else qwen2 with qkv bias, else llama)",
     )
+    exp.add_argument(
+        "--template",
+        help="chat template written into tokenizer_config.json (default: the checkpoint's "
+        "recorded one, else the one --data-prefix's P.json names)",
+    )
+    exp.add_argument("--data-prefix", help="a preprocessed set the model was trained on")
     exp.add_argument("--no-progress", action="store_true")
     return parser
 
@@ -162,6 +168,8 @@ def run_export(args: argparse.Namespace) -> None:
         tokenizer_dir=args.tokenizer,
         max_shard_size=args.max_shard_size,
         progress=not args.no_progress,
+        template=args.template,
+        data_prefix=args.data_prefix,
     )
     print(f"exported {args.checkpoint} -> {result.output} ({result.model_type})")
     print(
@@ -170,6 +178,7 @@ def run_export(args: argparse.Namespace) -> None:
     )
     copied = ", ".join(result.copied) or "none"
     print(f"  copied: {copied}")
+    print(f"  chat template: {result.template or 'none (pass --template)'}")
     if not set(result.copied) - {"generation_config.json"}:
         print("  no tokenizer files: pass --tokenizer DIR to include them")
 

@@ -9,7 +9,9 @@ model in the checkpoint's stored dtype, plus one HF tensor in the output dtype.
 Written into a temp directory that is renamed to the output at the end:
     config.json, model.safetensors | model-0000i-of-0000n.safetensors +
     model.safetensors.index.json, tokenizer files and generation_config.json (from
-    --tokenizer, or the directory the checkpoint was imported from).
+    --tokenizer, or the directory the checkpoint was imported from), with the training
+    chat template as `chat_template` in tokenizer_config.json and its name in
+    longalign.json (convert/export_template.py).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import torch
 
 from megatron_longalign.config.model import ModelConfig
 from megatron_longalign.convert.errors import ConversionError
+from megatron_longalign.convert.export_template import resolve_template, write_chat_template
 from megatron_longalign.convert.hf_config import (
     default_model_type,
     hf_config_from,
@@ -60,6 +63,7 @@ class ExportResult:
     dtype: torch.dtype
     model_type: str
     copied: list[str] = field(default_factory=list)  # tokenizer/generation files
+    template: str | None = None  # the chat template written (None: no tokenizer or none known)
     seconds: float = 0.0
 
 
@@ -121,10 +125,14 @@ def export_checkpoint(
     tokenizer_dir: str | Path | None = None,
     max_shard_size: str | int = "5GB",
     progress: bool = True,
+    template: str | None = None,
+    data_prefix: str | Path | None = None,
 ) -> ExportResult:
     """Write the HF directory `output` (must not exist) for `checkpoint` (a checkpoint
     directory or a root with `latest`). `model_config` defaults to the one an import
-    recorded in the checkpoint. Runs in one process (world size 1, TP = PP = 1)."""
+    recorded in the checkpoint. The chat template: `template`, else the one the
+    checkpoint records, else the one `data_prefix`'s P.json names (export_template.py).
+    Runs in one process (world size 1, TP = PP = 1)."""
     from megatron_longalign.training.checkpoint import read_marker
 
     started = time.monotonic()
@@ -150,6 +158,9 @@ def export_checkpoint(
     shards = shard_plan(shapes, out_dtype, max_bytes)
     names = shard_file_names(len(shards))
     copy_from = _tokenizer_source(tokenizer_dir, record)
+    chat_template = resolve_template(template, extra, data_prefix)
+    if chat_template is None:
+        logger.warning("no chat template known (pass --template): none exported")
 
     with atomic_directory(output, collective=False) as temp:
         temp.mkdir()
@@ -162,6 +173,9 @@ def export_checkpoint(
             _write_json(temp / INDEX_FILE, index)
         _write_json(temp / "config.json", hf_config)
         copied = _copy_tokenizer(copy_from, temp)
+        has_tokenizer = bool(set(copied) - {"generation_config.json"})
+        if chat_template is not None and has_tokenizer:
+            write_chat_template(temp, chat_template, {"checkpoint": str(path)})
     return ExportResult(
         output=output,
         files=names,
@@ -170,6 +184,7 @@ def export_checkpoint(
         dtype=out_dtype,
         model_type=model_type,
         copied=copied,
+        template=chat_template if has_tokenizer else None,
         seconds=time.monotonic() - started,
     )
 

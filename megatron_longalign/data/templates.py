@@ -15,6 +15,13 @@ between two special tokens is tokenized whole, as at inference (data/tokenizer.p
 a token that straddles two pieces belongs to the piece of its last character.
 
 Contents are used verbatim (no stripping): the rendering is what a server renders.
+
+Each template also carries `jinja`: the same rendering as a Hugging Face chat template
+(exported into tokenizer_config.json, so transformers, vLLM and other servers render
+prompts exactly as in training), and `prompt_pieces`: what such a server renders for
+`add_generation_prompt=True`. A template class without `jinja` is refused when defined.
+Jinja texts use whitespace-control tags only: transformers compiles chat templates with
+trim_blocks and lstrip_blocks, and every newline we render is a string literal.
 """
 
 from __future__ import annotations
@@ -22,7 +29,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import IntEnum
 
-from megatron_longalign.data.conversation import ASSISTANT, SYSTEM, Conversation
+from megatron_longalign.data.conversation import ASSISTANT, SYSTEM, Conversation, Turn
 
 BOS = "<<bos>>"
 EOS = "<<eos>>"
@@ -66,14 +73,60 @@ def _answer(content: str, end_token: str) -> list[Piece]:
 class ChatTemplate:
     name: str = ""
     description: str = ""  # the rendered shape, for P.json and --help
+    # The same rendering as a Jinja chat template (bos_token / eos_token stand for BOS /
+    # EOS); with add_generation_prompt it renders `prompt_pieces`.
+    jinja: str = ""
+    # Template text before an answer that belongs to the answer's turn at inference:
+    # the generation prompt stops before it (Llama-2's reference prompt ends at
+    # "[/INST]"; the space goes with the answer's first word, "▁Sure", as in training).
+    answer_lead: str = ""
+
+    def __init_subclass__(cls, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        if cls.name and not cls.jinja:
+            raise TypeError(f"template {cls.name!r} has no `jinja` (its HF chat template)")
 
     def pieces(self, conversation: Conversation) -> list[Piece]:
         raise NotImplementedError
+
+    def prompt_pieces(self, conversation: Conversation) -> list[Piece]:
+        """The generation prompt for a conversation that ends with a user turn: its
+        pieces up to where the answer's content starts (less `answer_lead`), i.e. what
+        `jinja` renders with add_generation_prompt=True."""
+        if not conversation.turns or conversation.turns[-1].role == ASSISTANT:
+            raise ValueError("a generation prompt needs a conversation that ends with a user turn")
+        placeholder = "\x00answer"
+        answered = Conversation((*conversation.turns, Turn(ASSISTANT, placeholder)))
+        pieces = self.pieces(answered)
+        cut = max(i for i, p in enumerate(pieces) if p.text == placeholder)
+        out = pieces[:cut]
+        if self.answer_lead:
+            last = out[-1]
+            assert last.special is None and last.text.endswith(self.answer_lead), last
+            out[-1] = Piece(last.kind, last.text[: -len(self.answer_lead)])
+        return [p for p in out if p.special is not None or p.text]
 
 
 class Llama2Template(ChatTemplate):
     name = "llama2"
     description = "<s>[INST] <<SYS>>\\n{system}\\n<</SYS>>\\n\\n{user} [/INST] {answer}</s>"
+
+    answer_lead = " "
+    jinja = (
+        "{%- set ns = namespace(first=true) -%}"
+        "{%- for message in messages -%}"
+        "{%- if message['role'] == 'user' -%}"
+        "{{- bos_token + '[INST] ' -}}"
+        "{%- if ns.first and messages[0]['role'] == 'system' -%}"
+        "{{- '<<SYS>>\\n' + messages[0]['content'] + '\\n<</SYS>>\\n\\n' -}}"
+        "{%- endif -%}"
+        "{%- set ns.first = false -%}"
+        "{{- message['content'] + ' [/INST]' -}}"
+        "{%- elif message['role'] == 'assistant' -%}"
+        "{{- ' ' + message['content'] + eos_token -}}"
+        "{%- endif -%}"
+        "{%- endfor -%}"
+    )
 
     def pieces(self, conversation: Conversation) -> list[Piece]:
         out: list[Piece] = []
@@ -90,6 +143,17 @@ class Llama3Template(ChatTemplate):
     name = "llama3"
     description = (
         "<|begin_of_text|><|start_header_id|>{role}<|end_header_id|>\\n\\n{content}<|eot_id|>..."
+    )
+
+    jinja = (
+        "{{- '<|begin_of_text|>' -}}"
+        "{%- for message in messages -%}"
+        "{{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' -}}"
+        "{{- message['content'] + '<|eot_id|>' -}}"
+        "{%- endfor -%}"
+        "{%- if add_generation_prompt -%}"
+        "{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' -}}"
+        "{%- endif -%}"
     )
 
     def pieces(self, conversation: Conversation) -> list[Piece]:
@@ -112,6 +176,15 @@ class Llama3Template(ChatTemplate):
 class ChatMLTemplate(ChatTemplate):
     name = "chatml"
     description = "<|im_start|>{role}\\n{content}<|im_end|>\\n... (Qwen)"
+
+    jinja = (
+        "{%- for message in messages -%}"
+        "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' -}}"
+        "{%- endfor -%}"
+        "{%- if add_generation_prompt -%}"
+        "{{- '<|im_start|>assistant\\n' -}}"
+        "{%- endif -%}"
+    )
 
     def pieces(self, conversation: Conversation) -> list[Piece]:
         out: list[Piece] = []
@@ -136,6 +209,21 @@ class ChatGLMTemplate(ChatTemplate):
     name = "chatglm"
     description = "{system}\\n\\n[Round 1]\\n\\n问：{user}\\n\\n答：{answer}</s>\\n\\n[Round 2]..."
 
+    jinja = (
+        "{%- set ns = namespace(round=0) -%}"
+        "{%- for message in messages -%}"
+        "{%- if message['role'] == 'system' -%}"
+        "{{- message['content'] + '\\n\\n' -}}"
+        "{%- elif message['role'] == 'user' -%}"
+        "{%- if ns.round > 0 -%}{{- '\\n\\n' -}}{%- endif -%}"
+        "{%- set ns.round = ns.round + 1 -%}"
+        "{{- '[Round ' + ns.round|string + ']\\n\\n问：' + message['content'] + '\\n\\n答：' -}}"
+        "{%- elif message['role'] == 'assistant' -%}"
+        "{{- message['content'] + eos_token -}}"
+        "{%- endif -%}"
+        "{%- endfor -%}"
+    )
+
     def pieces(self, conversation: Conversation) -> list[Piece]:
         out: list[Piece] = []
         if conversation.system is not None:
@@ -151,6 +239,17 @@ class ChatGLMTemplate(ChatTemplate):
 class PlainTemplate(ChatTemplate):
     name = "plain"
     description = "<s>{system}\\n\\n{user}\\n\\n{answer}</s>{user}\\n\\n{answer}</s>"
+
+    jinja = (
+        "{{- bos_token -}}"
+        "{%- for message in messages -%}"
+        "{%- if message['role'] == 'assistant' -%}"
+        "{{- message['content'] + eos_token -}}"
+        "{%- else -%}"
+        "{{- message['content'] + '\\n\\n' -}}"
+        "{%- endif -%}"
+        "{%- endfor -%}"
+    )
 
     def pieces(self, conversation: Conversation) -> list[Piece]:
         out = [_special(BOS)]

@@ -116,7 +116,11 @@ class LongAlignGPTModel(GPTModel):
         """With labels in training, the chunked loss replaces megatron's output layer and
         cross entropy (model/fused_loss.py): per-token NLL [b, s], never the logits. Logits
         (no labels), inference and multi-token prediction go through megatron as is.
-        (megatron_compat section 7: megatron calls `_postprocess` with keywords.)"""
+        (megatron_compat section 7: megatron calls `_postprocess` with keywords.)
+
+        `loss_mask` [b, s], when given, is the loss weights w_t of the trainer's loss
+        sum_t w_t nll_t (megatron's per-token loss mask, generalised to weights): the
+        chunked loss then computes its gradients in forward (fused_loss `grad_hint`)."""
         fused = (
             self.loss_impl == "chunked"
             and labels is not None
@@ -127,9 +131,11 @@ class LongAlignGPTModel(GPTModel):
         )
         if not fused:
             return super()._postprocess(hidden_states=hidden_states, labels=labels, **kwargs)
-        return self._chunked_loss(hidden_states, labels)
+        return self._chunked_loss(hidden_states, labels, kwargs.get("loss_mask"))
 
-    def _chunked_loss(self, hidden_states: Tensor, labels: Tensor) -> Tensor:
+    def _chunked_loss(
+        self, hidden_states: Tensor, labels: Tensor, loss_weights: Tensor | None = None
+    ) -> Tensor:
         """Per-token NLL [b, s] from hidden states [s(/TP under SP), b, h], with the same
         TP mapping as megatron's ColumnParallelLinear output layer: the sequence-parallel
         all-gather (reduce-scatter back), or a copy whose gradient is all-reduced."""
@@ -162,6 +168,7 @@ class LongAlignGPTModel(GPTModel):
             valid_columns=min(max(real - vocab_start, 0), local),
             chunk_tokens=self.loss_chunk_tokens,
             group=tp if tp_size > 1 else None,
+            grad_hint=None if loss_weights is None else loss_weights.transpose(0, 1).reshape(-1),
         )
         return nll.view(seq, batch).transpose(0, 1).contiguous()
 

@@ -119,7 +119,10 @@ class MicroBatchForward:
         micro_batch = next(data_iterator)
         inputs = model_inputs(micro_batch, self.device)
         weights = torch.as_tensor(micro_batch.loss_weights, device=self.device)
-        output = model(**inputs)
+        # The loss is sum_t w_t nll_t, so the chunked loss can make its gradients in
+        # forward (model/fused_loss.py `grad_hint`; any other loss falls back safely;
+        # without gradients, as in validation, the hint is not used).
+        output = model(**inputs, loss_mask=weights.to(torch.float32).view(1, -1))
         return output, functools.partial(self._loss_func, micro_batch, weights)
 
     def _loss_func(self, micro_batch: MicroBatch, weights: torch.Tensor, token_nll):

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from megatron_longalign.data.planner import PlanPosition
+from megatron_longalign.model import fused_loss
 from megatron_longalign.training.builders import build_transformer_config
 from megatron_longalign.training.step import NonFiniteTrainingError
 from megatron_longalign.training.trainer import Trainer
@@ -228,10 +229,13 @@ def test_init_from_rejects_a_path_without_checkpoint(sample_prefixes, tmp_path):
 
 
 @pytest.mark.parametrize("loss_reduction", ["sequence", "token"])
-def test_chunked_loss_reproduces_the_standard_trajectory(sample_prefixes, loss_reduction):
+def test_chunked_loss_reproduces_the_standard_trajectory(
+    sample_prefixes, loss_reduction, monkeypatch
+):
     """model.loss_impl=chunked (the fused linear cross entropy, chunks of 100 tokens that
     divide no pack) against standard (megatron's output layer and cross entropy): the
-    same loss, gradient norm and lr over 4 optimizer steps."""
+    same loss, gradient norm and lr over 4 optimizer steps. The chunked loss gets the
+    loss weights and makes its gradients in forward."""
 
     def trajectory(impl: str) -> list[tuple[float, float, float]]:
         config = tiny_training_config(sample_prefixes, max_steps=4, loss_reduction=loss_reduction)
@@ -241,7 +245,15 @@ def test_chunked_loss_reproduces_the_standard_trajectory(sample_prefixes, loss_r
         assert trainer.unwrapped_model[0].loss_impl == impl
         return [(r.loss, r.grad_norm, r.lr) for r in trainer.train()]
 
-    standard, chunked = trajectory("standard"), trajectory("chunked")
+    standard = trajectory("standard")
+
+    def no_recompute(*args, **kwargs):
+        raise AssertionError("the chunked loss recomputed its logits in backward")
+
+    # The trainer's loss is sum_t w_t nll_t with the weights it gives the model, so the
+    # gradients made in forward are used, never discarded and recomputed.
+    monkeypatch.setattr(fused_loss, "_gradients", no_recompute)
+    chunked = trajectory("chunked")
     assert len(chunked) == len(standard) == 4
     for (loss, grad_norm, lr), (want_loss, want_norm, want_lr) in zip(
         chunked, standard, strict=True

@@ -67,7 +67,15 @@ def build(args):
     return model
 
 
-def run(model, impl: str, hidden_full: torch.Tensor, labels: torch.Tensor, g: torch.Tensor, sp):
+def run(
+    model,
+    impl: str,
+    hidden_full: torch.Tensor,
+    labels: torch.Tensor,
+    g: torch.Tensor,
+    sp,
+    hint=False,
+):
     from megatron.core import parallel_state
 
     model.loss_impl = impl
@@ -92,6 +100,8 @@ def run(model, impl: str, hidden_full: torch.Tensor, labels: torch.Tensor, g: to
         rotary_pos_cos=None,
         rotary_pos_sin=None,
         mtp_in_postprocess=False,
+        # the loss weights: the chunked loss makes its gradients in forward
+        **({"loss_mask": g} if hint else {}),
     )
     (nll * g).sum().backward()
     hidden_grad = hidden.grad
@@ -126,6 +136,7 @@ def main() -> None:
     if args.forget_tp_reduce:
         fused_loss._all_reduce = lambda tensor, op, group: tensor  # the mutation
     result["chunked"] = run(model, "chunked", hidden, labels, g, args.sp)
+    result["chunked_hinted"] = run(model, "chunked", hidden, labels, g, args.sp, hint=True)
     write_rank_result(args.out, result)
 
 
