@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from megatron_longalign.utils.atomic_files import fsync_directory
+from megatron_longalign.utils.jsonl_records import RecordAppender, read_records
 
 log = logging.getLogger("megatron_longalign.train")
 
@@ -103,25 +104,18 @@ class MetricsFile:
                 start_step,
                 dropped_path(self.path),
             )
-        # Open for the whole run (closed by close()): one durable line per logged step.
-        self._handle = open(self.path, "a", encoding="utf-8")  # noqa: SIM115
+        self._appender = RecordAppender(self.path)  # one durable line per append
 
     def append(self, step: int, split: str, metrics: Mapping[str, float]) -> None:
         record = {"step": int(step), "split": split, "time": round(time.time(), 3)}
         record.update({key: _json_value(value) for key, value in metrics.items()})
-        self._handle.write(json.dumps(record) + "\n")
-        self._handle.flush()
-        os.fsync(self._handle.fileno())
+        self._appender.append(record)
 
     def close(self) -> None:
-        self._handle.close()
+        self._appender.close()
 
 
 def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
-    """Every complete line of a metrics file, in order ([] when there is none)."""
-    path = Path(path)
-    if not path.exists():
-        return []
-    text = path.read_text(encoding="utf-8")
-    complete = text[: text.rfind("\n") + 1]
-    return [json.loads(line) for line in complete.splitlines() if line.strip()]
+    """Every complete line of a metrics file, in order ([] when there is none; a torn
+    last line is ignored)."""
+    return read_records(path)
