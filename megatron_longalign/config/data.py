@@ -75,3 +75,10 @@ class DataConfig:
     attention_equiv_length: int = 50000
     skipalign: SkipAlignConfig = field(default_factory=SkipAlignConfig)
     seed: int = 1234
+    # Held-out data for validation during training (training/validation.py,
+    # docs/TRAINING.md "Validation"): other preprocessed sets (every sample once; their
+    # weight must stay 1.0), OR this fraction of the training sources' samples, chosen
+    # by a hash of each sample's index within its dataset (data/holdout.py), so the split
+    # is the same for any seed, data-parallel size and order. 0.0: no held-out split.
+    valid_sources: list[DatasetSource] = field(default_factory=list)
+    valid_fraction: float = 0.0

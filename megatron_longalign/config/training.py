@@ -122,6 +122,11 @@ class TrainConfig:
     # finishes its current step, saves a checkpoint and exits with status 75 (requeue and
     # resume). [] leaves the signals' default actions alone.
     preemption_signals: list[str] = field(default_factory=lambda: ["SIGUSR1", "SIGTERM"])
+    # Validation (forward only, on data.valid_sources or data.valid_fraction; off without
+    # them): every eval_interval steps (0 or null: only at the end) and at the end of the
+    # run, over the first eval_iters validation global batches (null: all of them).
+    eval_interval: int | None = 0
+    eval_iters: int | None = None
 
 
 WANDB_MODES = ("auto", "online", "offline", "disabled")
@@ -157,6 +162,10 @@ class LoggingConfig:
     # tqdm progress bar on rank 0
     progress_bar: bool = True
     wandb: WandbConfig = field(default_factory=WandbConfig)
+    # Every logged step's metrics (train and valid lines) as JSON lines, rank 0, appended
+    # and flushed (training/metrics_file.py). null: not written; conf/logging/console.yaml
+    # sets ${train.output_dir}/metrics.jsonl, programmatic configs opt in.
+    metrics_file: str | None = None
 
 
 @dataclass

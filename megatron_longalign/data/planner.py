@@ -24,7 +24,7 @@ Per epoch:
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import lru_cache
 
 import numpy as np
@@ -161,11 +161,43 @@ def data_problems(data: DataConfig, dp_size: int = 1) -> list[str]:
             )
         if source.weight < 0:
             fail(f"dataset {source.prefix}: weight must be >= 0, got {source.weight}")
+    problems += [f"data config: {p}" for p in validation_data_problems(data)]
     if data.prefix and data.prefix not in [source.prefix for source in data.sources]:
         fail(
             f"data.prefix={data.prefix!r} is not one of data.sources: data.prefix is read "
             "by data=single only; add data=single, or list the dataset in data.sources"
         )
+    return problems
+
+
+def validation_data_problems(data: DataConfig) -> list[str]:
+    """data.valid_sources / data.valid_fraction: one of them at most, a fraction in
+    [0, 1), and validation sources that name a prefix and keep weight 1 (validation uses
+    every sample once)."""
+    problems = []
+    fraction = data.valid_fraction
+    if not 0.0 <= fraction < 1.0:
+        problems.append(
+            f"data.valid_fraction={fraction} must be in [0, 1) (the share of the training "
+            "sources' samples held out for validation; 0 = none)"
+        )
+    if data.valid_sources and fraction > 0:
+        problems.append(
+            f"data.valid_sources ({len(data.valid_sources)} set(s)) and data.valid_fraction="
+            f"{fraction} are both set: validate on separate sets or on a held-out share of "
+            "the training data, not both; set data.valid_fraction=0 or data.valid_sources=[]"
+        )
+    for i, source in enumerate(data.valid_sources):
+        if not source.prefix:
+            problems.append(
+                f"data.valid_sources[{i}].prefix is empty: give the validation set's prefix "
+                "P (tools/preprocess.py --output-prefix P)"
+            )
+        if source.weight != 1.0:
+            problems.append(
+                f"data.valid_sources[{i}] ({source.prefix}): weight {source.weight} is not "
+                "used (validation reads every sample once); remove it"
+            )
     return problems
 
 
@@ -190,7 +222,11 @@ class GlobalBatchPlanner:
         dp_size: int = 1,
         loss_reduction: str = "sequence",
         document_multiple: int = 1,
+        sample_mask: np.ndarray | None = None,
     ) -> None:
+        """`sample_mask` (bool per global id; None: all) is the samples the plan may use:
+        the training planner leaves out the held-out ones (data/holdout.py), the
+        validation planner takes only them."""
         raise_if_problems(data_problems(config, dp_size) + loss_reduction_problems(loss_reduction))
         self.config = config
         self.dp_size = dp_size
@@ -201,6 +237,13 @@ class GlobalBatchPlanner:
         self.source_weights = list(source_weights)
         if self.lengths.size != sum(self.source_sizes):
             raise ValueError("lengths must cover all samples of all sources")
+        self.sample_mask = (
+            np.ones(self.lengths.size, dtype=bool)
+            if sample_mask is None
+            else np.asarray(sample_mask, dtype=bool)
+        )
+        if self.sample_mask.shape != self.lengths.shape:
+            raise ValueError("sample_mask must have one entry per sample of all sources")
         self.micro_batches_per_rank = config.global_batch_size // (
             config.micro_batch_size * dp_size
         )
@@ -214,7 +257,9 @@ class GlobalBatchPlanner:
         self._epoch_units = lru_cache(maxsize=2)(self._build_epoch_units)
 
     def _check_lengths(self) -> np.ndarray:
-        too_long = np.flatnonzero(self.lengths > self.config.seq_length)
+        """The usable samples: in `sample_mask` and no longer than seq_length (the
+        others are an error or dropped and counted, by data.on_overlength)."""
+        too_long = np.flatnonzero((self.lengths > self.config.seq_length) & self.sample_mask)
         if too_long.size and self.config.on_overlength == "error":
             raise ValueError(
                 f"{too_long.size} sample(s) are longer than data.seq_length="
@@ -224,7 +269,7 @@ class GlobalBatchPlanner:
             )
         self.report.dropped_overlength = int(too_long.size)
         self.report.dropped_examples = too_long[:10].tolist()
-        return self.lengths <= self.config.seq_length
+        return (self.lengths <= self.config.seq_length) & self.sample_mask
 
     # ---- epoch structure -------------------------------------------------------------
 
@@ -365,6 +410,35 @@ class GlobalBatchPlanner:
                         f"boundary (epoch {epoch}, step {step} ends at {consumed})"
                     )
             epoch += 1
+
+
+def weighted_as_one_set(
+    batches: Sequence[GlobalBatch], target_counts: np.ndarray, reduction: str
+) -> list[GlobalBatch]:
+    """`batches` with their loss weights recomputed over all of them together (one
+    `per_token_weights` over every sample occurrence of every batch), so that
+    sum_t w_t * nll_t over all the batches is the reduction over the whole set, however
+    it is cut into global batches, micro-batches and ranks (validation: the
+    sequence-mode value is the mean over the set's sequences of their mean NLL)."""
+    plans = [plan for batch in batches for rank in batch.micro_batches for plan in rank]
+    sizes = [plan.samples.size for plan in plans]
+    counts = np.asarray(target_counts, dtype=np.int64)
+    all_counts = (
+        np.concatenate([counts[plan.samples] for plan in plans])
+        if plans
+        else np.zeros(0, dtype=np.int64)
+    )
+    weights = iter(np.split(per_token_weights(all_counts, reduction), np.cumsum(sizes)[:-1]))
+    return [
+        replace(
+            batch,
+            micro_batches=[
+                [replace(plan, weights=next(weights)) for plan in rank]
+                for rank in batch.micro_batches
+            ],
+        )
+        for batch in batches
+    ]
 
 
 def _fixed_batches(num_units: int, batch_size: int) -> np.ndarray:

@@ -63,6 +63,10 @@ def _format_value(key: str, value: float, memory_label: str) -> str:
         metrics_lib.PACKING_EFFICIENCY: lambda v: f"fill {100 * v:.1f}%",
         metrics_lib.RANK_IMBALANCE: lambda v: f"imb {v:.3f}",
         metrics_lib.PEAK_MEMORY: lambda v: f"mem {v:.2f} GiB{memory_label}",
+        metrics_lib.VALID_LOSS: lambda v: f"valid loss {v:.4f}",
+        metrics_lib.VALID_TOKEN_LOSS: lambda v: f"valid token loss {v:.4f}",
+        metrics_lib.VALID_SEQUENCES: lambda v: f"{v:.0f} seqs",
+        metrics_lib.VALID_TARGET_TOKENS: lambda v: f"{v:.0f} targets",
     }
     return formats[key](value)
 
@@ -70,9 +74,10 @@ def _format_value(key: str, value: float, memory_label: str) -> str:
 def format_console_line(step: int, metrics: Mapping[str, float], memory_label: str = "") -> str:
     """One line per logged step. Keys that are absent are skipped, except MFU, which
     reads "MFU n/a" so an unknown peak is visible rather than silently missing.
-    loss_by_len/* go to wandb only, to keep the line short."""
+    A validation's values (valid/*) follow the training ones. loss_by_len/* go to wandb
+    (and metrics.jsonl) only, to keep the line short."""
     parts = [f"step {step}"]
-    for key in metrics_lib.METRIC_KEYS:
+    for key in (*metrics_lib.METRIC_KEYS, *metrics_lib.VALID_KEYS):
         if key in metrics:
             parts.append(_format_value(key, float(metrics[key]), memory_label))
         elif key == metrics_lib.MFU and metrics_lib.TFLOPS_PER_GPU in metrics:

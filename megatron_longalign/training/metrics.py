@@ -69,6 +69,14 @@ METRIC_KEYS = (
     PEAK_MEMORY,
 )
 LOSS_BY_LEN_PREFIX = "loss_by_len/"
+# Validation (training/validation.py, docs/TRAINING.md "Validation"): the configured loss
+# reduction over the validation set, the token mean, and loss by length.
+VALID_PREFIX = "valid/"
+VALID_LOSS = "valid/loss"
+VALID_TOKEN_LOSS = "valid/token_loss"
+VALID_SEQUENCES = "valid/sequences"
+VALID_TARGET_TOKENS = "valid/target_tokens"
+VALID_KEYS = (VALID_LOSS, VALID_TOKEN_LOSS, VALID_SEQUENCES, VALID_TARGET_TOKENS)
 
 # ---- model FLOPs --------------------------------------------------------------------
 
@@ -531,4 +539,28 @@ def step_metrics(
         if not key.startswith(LOSS_BY_LEN_PREFIX):
             raise ValueError(f"loss_by_len key {key!r} must start with {LOSS_BY_LEN_PREFIX!r}")
         metrics[key] = float(value)
+    return metrics
+
+
+def validation_metrics(
+    *,
+    loss: float,
+    nll_sum: float,
+    num_targets: float,
+    num_sequences: int,
+    loss_by_len: Mapping[str, float] | None = None,
+) -> dict[str, float]:
+    """The metric dict of one validation: VALID_KEYS in order, then
+    `valid/loss_by_len/*`. `loss` is sum_t w_t * nll_t with the validation set's weights
+    (the configured reduction over the set), `nll_sum / num_targets` the token mean."""
+    metrics = {
+        VALID_LOSS: float(loss),
+        VALID_TOKEN_LOSS: float(nll_sum) / max(float(num_targets), 1.0),
+        VALID_SEQUENCES: float(num_sequences),
+        VALID_TARGET_TOKENS: float(num_targets),
+    }
+    for key, value in (loss_by_len or {}).items():
+        if not key.startswith(LOSS_BY_LEN_PREFIX):
+            raise ValueError(f"loss_by_len key {key!r} must start with {LOSS_BY_LEN_PREFIX!r}")
+        metrics[VALID_PREFIX + key] = float(value)
     return metrics

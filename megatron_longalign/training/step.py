@@ -3,9 +3,11 @@
 1. the planner's GlobalBatch gives this DP rank its micro-batch plans; TrainData turns
    them into THD MicroBatches (every pipeline stage builds them: each needs
    position_ids and cu_seqlens);
-2. `get_forward_backward_func()` runs them with `loss_func` (training/loss.py);
-3. the loss sums are reduced over the job; loss and gradient norm are checked: a
-   non-finite step is skipped (gradients zeroed, no optimizer or scheduler update);
+2. `get_forward_backward_func()` runs them with `loss_func` (training/loss.py;
+   `run_micro_batches` with `MicroBatchForward`, which validation runs forward only);
+3. the loss sums are reduced over the job (`reduce_reports`); loss and gradient norm
+   are checked: a non-finite step is skipped (gradients zeroed, no optimizer or
+   scheduler update);
 4. otherwise: clip, scheduler step, optimizer update (`clip_and_step`).
 
 `count_bad_steps` is the bad-step policy: `train.max_consecutive_bad_steps` bad steps in
@@ -22,6 +24,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
 from megatron_longalign.config.training import LongAlignConfig
@@ -78,12 +81,104 @@ class StepResult:
 
 
 @dataclass
-class _StepStats:
-    """Sums over the global batch, identical on every rank after `_reduce_stats`."""
+class LossSums:
+    """Sums over the micro-batches run, identical on every rank after `reduce_reports`."""
 
-    loss: float = 0.0
-    nll_sum: float = 0.0
-    num_targets: float = 0.0
+    loss: float = 0.0  # sum_t w_t * nll_t
+    nll_sum: float = 0.0  # sum of nll over target tokens
+    num_targets: float = 0.0  # target tokens
+
+    def __iadd__(self, other: LossSums) -> LossSums:
+        self.loss += other.loss
+        self.nll_sum += other.nll_sum
+        self.num_targets += other.num_targets
+        return self
+
+
+class MicroBatchForward:
+    """megatron's `forward_step_func` for THD MicroBatches, with `loss_func` as the loss
+    and every micro-batch's per-token losses added to `loss_by_length` (documents
+    bucketed by their real length from `sample_lengths`, indexed by global sample id).
+    Training (TrainStep) and validation (training/validation.py) both run it."""
+
+    def __init__(
+        self,
+        device: torch.device,
+        sample_lengths: np.ndarray,
+        loss_by_length: metrics_lib.LossByLength,
+    ) -> None:
+        self.device = device
+        self.sample_lengths = sample_lengths
+        self.loss_by_length = loss_by_length
+
+    def __call__(self, data_iterator: Iterator[MicroBatch], model: torch.nn.Module):
+        """The THD micro-batch goes to every stage (the first stage reads tokens, every
+        stage needs positions and cu_seqlens, the last one labels)."""
+        from megatron_longalign.model import model_inputs
+
+        micro_batch = next(data_iterator)
+        inputs = model_inputs(micro_batch, self.device)
+        weights = torch.as_tensor(micro_batch.loss_weights, device=self.device)
+        # The loss is sum_t w_t nll_t, so the chunked loss can make its gradients in
+        # forward (model/fused_loss.py `grad_hint`; any other loss falls back safely;
+        # without gradients, as in validation, the hint is not used).
+        output = model(**inputs, loss_mask=weights.to(torch.float32).view(1, -1))
+        return output, functools.partial(self._loss_func, micro_batch, weights)
+
+    def _loss_func(self, micro_batch: MicroBatch, weights: torch.Tensor, token_nll):
+        """`loss_func`, and the per-token losses into the loss-by-length buckets."""
+        from megatron.core import parallel_state
+
+        cp_group = parallel_state.get_context_parallel_group() if micro_batch.cp_size > 1 else None
+        self.loss_by_length.add_microbatch(
+            micro_batch,
+            token_nll.detach(),
+            sample_lengths=self.sample_lengths,
+            cp_group=cp_group,
+        )
+        return loss_func(weights, token_nll)
+
+
+def run_micro_batches(
+    model: list[torch.nn.Module],
+    micro_batches: list[MicroBatch],
+    forward: MicroBatchForward,
+    *,
+    forward_only: bool,
+) -> LossSums:
+    """This rank's micro-batches through `get_forward_backward_func()` (pipeline stages
+    exchange activations as megatron schedules them; with `forward_only` nothing runs
+    backward), the loss sums reduced over the job. Collective over every rank."""
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    reports = get_forward_backward_func()(
+        forward_step_func=forward,
+        data_iterator=iter(micro_batches),
+        model=model,
+        num_microbatches=len(micro_batches),
+        # Only used for fixed pipeline shapes; THD stages exchange shapes instead.
+        seq_length=max(mb.num_tokens for mb in micro_batches),
+        micro_batch_size=1,  # THD: one packed row per micro-batch
+        forward_only=forward_only,
+    )
+    return reduce_reports(reports, forward.device)
+
+
+def reduce_reports(reports: list[dict[str, torch.Tensor]], device: torch.device) -> LossSums:
+    """Sum the micro-batch reports over the whole job. Only last-stage ranks have
+    reports; each TP rank of the last stage has the same ones, hence / TP. CP and DP
+    ranks hold different tokens: their sums add up."""
+    from megatron.core import parallel_state
+
+    local = torch.zeros(3, dtype=torch.float64, device=device)
+    for report in reports:
+        local[0] += report[loss_keys.LOSS].double()
+        local[1] += report[loss_keys.NLL_SUM].double()
+        local[2] += report[loss_keys.NUM_TARGETS].double()
+    torch.distributed.all_reduce(local)
+    local /= parallel_state.get_tensor_model_parallel_world_size()
+    loss, nll_sum, num_targets = local.tolist()
+    return LossSums(loss, nll_sum, num_targets)
 
 
 class TrainStep:
@@ -107,6 +202,7 @@ class TrainStep:
         self.scheduler = scheduler
         self.device = device
         self.loss_by_length = metrics_lib.LossByLength()
+        self.forward = MicroBatchForward(device, data.planner.lengths, self.loss_by_length)
 
     def __call__(self, batch: GlobalBatch, step: int) -> StepResult:
         """One optimizer step on `batch`; `step` is its 1-based iteration number."""
@@ -114,7 +210,7 @@ class TrainStep:
         micro_batches = self.data.micro_batches(batch)
         self.zero_grads()
         self.loss_by_length.reset()
-        stats = self._forward_backward(micro_batches)
+        stats = run_micro_batches(self.model, micro_batches, self.forward, forward_only=False)
         return self._update(batch, stats, start, step)
 
     def zero_grads(self) -> None:
@@ -122,65 +218,7 @@ class TrainStep:
             chunk.zero_grad_buffer()
         self.optimizer.zero_grad()
 
-    def _forward_step(self, data_iterator: Iterator[MicroBatch], model: torch.nn.Module):
-        """megatron forward_step_func: the THD micro-batch goes to every stage (the first
-        stage reads tokens, every stage needs positions and cu_seqlens, the last one
-        labels)."""
-        from megatron_longalign.model import model_inputs
-
-        micro_batch = next(data_iterator)
-        inputs = model_inputs(micro_batch, self.device)
-        weights = torch.as_tensor(micro_batch.loss_weights, device=self.device)
-        # The loss is sum_t w_t nll_t, so the chunked loss can make its gradients in
-        # forward (model/fused_loss.py `grad_hint`; any other loss falls back safely).
-        output = model(**inputs, loss_mask=weights.to(torch.float32).view(1, -1))
-        return output, functools.partial(self._loss_func, micro_batch, weights)
-
-    def _loss_func(self, micro_batch: MicroBatch, weights: torch.Tensor, token_nll):
-        """`loss_func`, and the per-token losses into this step's loss-by-length buckets
-        (merged into the logging window unless the step is skipped)."""
-        from megatron.core import parallel_state
-
-        cp_group = parallel_state.get_context_parallel_group() if micro_batch.cp_size > 1 else None
-        self.loss_by_length.add_microbatch(
-            micro_batch,
-            token_nll.detach(),
-            sample_lengths=self.data.planner.lengths,
-            cp_group=cp_group,
-        )
-        return loss_func(weights, token_nll)
-
-    def _forward_backward(self, micro_batches: list[MicroBatch]) -> _StepStats:
-        from megatron.core.pipeline_parallel import get_forward_backward_func
-
-        reports = get_forward_backward_func()(
-            forward_step_func=self._forward_step,
-            data_iterator=iter(micro_batches),
-            model=self.model,
-            num_microbatches=len(micro_batches),
-            # Only used for fixed pipeline shapes; THD stages exchange shapes instead.
-            seq_length=max(mb.num_tokens for mb in micro_batches),
-            micro_batch_size=1,  # THD: one packed row per micro-batch
-            forward_only=False,
-        )
-        return self._reduce_stats(reports)
-
-    def _reduce_stats(self, reports: list[dict[str, torch.Tensor]]) -> _StepStats:
-        """Sum the micro-batch reports over the whole job. Only last-stage ranks have
-        reports; each TP rank of the last stage has the same ones, hence / TP."""
-        from megatron.core import parallel_state
-
-        local = torch.zeros(3, dtype=torch.float64, device=self.device)
-        for report in reports:
-            local[0] += report[loss_keys.LOSS].double()
-            local[1] += report[loss_keys.NLL_SUM].double()
-            local[2] += report[loss_keys.NUM_TARGETS].double()
-        torch.distributed.all_reduce(local)
-        local /= parallel_state.get_tensor_model_parallel_world_size()
-        loss, nll_sum, num_targets = local.tolist()
-        return _StepStats(loss, nll_sum, num_targets)
-
-    def _update(self, batch: GlobalBatch, stats: _StepStats, start: float, step: int) -> StepResult:
+    def _update(self, batch: GlobalBatch, stats: LossSums, start: float, step: int) -> StepResult:
         """The update (`clip_and_step`: megatron's ChainedOptimizer.step() with the
         finiteness check between computing the gradient norm and applying anything) and
         the scheduler step; a bad step undoes the latter and zeroes the gradients."""

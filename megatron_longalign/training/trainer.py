@@ -11,7 +11,11 @@ runs the steps (training/step.py).
   optimizer, scheduler, RNG, data position and consumed samples, so the run continues
   the exact same stream;
 - the documented metrics (training/metrics.py) every `logging.log_interval` steps and at
-  the last one, through MetricsLogger (training/logger.py: console line + wandb, rank 0).
+  the last one, through MetricsLogger (training/logger.py: console line + wandb, rank 0)
+  and into `logging.metrics_file` (training/metrics_file.py: metrics.jsonl);
+- validation (training/validation.py) on data.valid_sources or data.valid_fraction,
+  every `train.eval_interval` steps and at the end, forward only, before the step's
+  checkpoint is saved (a run killed in between repeats both);
 - preemption (training/preemption.py): after SIGUSR1/SIGTERM on any rank
   (`train.preemption_signals`), every rank stops at the same step boundary, saves, and
   `preempted` is set (the entry point exits with PREEMPTED_EXIT_CODE).
@@ -31,7 +35,7 @@ import torch
 from megatron_longalign.config.training import LongAlignConfig
 from megatron_longalign.data.indexed import DataFileError
 from megatron_longalign.data.planner import GlobalBatch, PlanPosition
-from megatron_longalign.data.train_data import build_data
+from megatron_longalign.data.train_data import build_data, build_validation_data
 from megatron_longalign.parallel.distributed import (
     context_parallel_rank,
     data_parallel_rank,
@@ -57,14 +61,17 @@ from megatron_longalign.training.checkpoint import (
     resolve_resume,
 )
 from megatron_longalign.training.logger import MetricsLogger
+from megatron_longalign.training.metrics_file import TRAIN, VALID, MetricsFile
 from megatron_longalign.training.schedule import build_scheduler
 from megatron_longalign.training.step import StepResult, TrainStep, count_bad_steps
 from megatron_longalign.training.validate import (
     ConfigError,
     empty_plan_problem,
+    empty_validation_problem,
     overlength_warnings,
     validate_config,
 )
+from megatron_longalign.training.validation import Validator, is_validation_step
 
 log = logging.getLogger("megatron_longalign.train")
 
@@ -108,12 +115,14 @@ class Trainer:
         self.dtype = resolve_precision(config.train.precision)
         self.is_rank0 = torch.distributed.get_rank() == 0
         try:
-            self.data = build_data(
-                config, data_parallel_rank(), data_parallel_size(), context_parallel_rank()
-            )
+            ranks = data_parallel_rank(), data_parallel_size(), context_parallel_rank()
+            self.data = build_data(config, *ranks)
+            valid_data = build_validation_data(config, *ranks, train_mixture=self.data.mixture)
         except DataFileError as err:  # changed since the validation, or check_files=False
             raise ConfigError([str(err)]) from err
         self._check_data_plan()  # before the model is built
+        if valid_data is not None and not valid_data.batches:
+            raise ConfigError([empty_validation_problem(config)])
         self.total_steps = self._total_steps()
         self.transformer_config = build_transformer_config(config, self.dtype, self.cpu)
         self.model = build_model(config, self.transformer_config, self.device, init_weights)
@@ -123,6 +132,12 @@ class Trainer:
         self.stepper = TrainStep(
             config, self.data, self.model, self.optimizer, self.scheduler, self.device
         )
+        self.validator = (
+            Validator(config, valid_data, self.model, self.device) if valid_data else None
+        )
+        self.last_validated_step: int | None = None
+        self.last_valid_metrics: dict[str, float] = {}
+        self.metrics_file: MetricsFile | None = None
         # Metrics: global step values, per GPU over every rank of the job.
         peak = metrics_lib.peak_flops(
             metrics_lib.detect_device_name(), metrics_lib.matmul_dtype(self.dtype)
@@ -186,6 +201,8 @@ class Trainer:
             ", ".join(f"{s.prefix} (weight {s.weight:g})" for s in self.data.mixture.sources),
             report.dropped_overlength,
         )
+        if self.validator is not None:
+            log.info("%s", self.validator.describe())
 
     @property
     def unwrapped_model(self) -> list[torch.nn.Module]:
@@ -288,6 +305,10 @@ class Trainer:
     # ---- metrics -------------------------------------------------------------------------
 
     def _open_metrics_logger(self) -> None:
+        path = self.config.logging.metrics_file
+        if path and self.is_rank0 and self.metrics_file is None:
+            # Lines beyond the step this run starts from are dropped (metrics_file.py).
+            self.metrics_file = MetricsFile(path, start_step=self.state.step)
         if self.metrics_logger is not None:
             return
         self.metrics_logger = MetricsLogger(
@@ -300,6 +321,9 @@ class Trainer:
         self.wandb_run_id = self.metrics_logger.run_id or self.wandb_run_id
 
     def close_metrics_logger(self) -> None:
+        if self.metrics_file is not None:
+            self.metrics_file.close()
+            self.metrics_file = None
         if self._own_metrics_logger and self.metrics_logger is not None:
             self.metrics_logger.close()
             self.metrics_logger = None
@@ -342,8 +366,37 @@ class Trainer:
             for key in (metrics_lib.LOSS, metrics_lib.TOKEN_MEAN_LOSS, metrics_lib.GRAD_NORM):
                 del metrics[key]
         self.last_metrics = metrics
+        self._log(step, TRAIN, metrics)
+
+    def _log(self, step: int, split: str, metrics: dict[str, float]) -> None:
+        """Console + wandb (MetricsLogger) and metrics.jsonl; both rank 0 only."""
         if self.metrics_logger is not None:
             self.metrics_logger.log(step, metrics, force=True)
+        if self.metrics_file is not None:
+            self.metrics_file.append(step, split, metrics)
+
+    # ---- validation ----------------------------------------------------------------------
+
+    def validate(self) -> dict[str, float]:
+        """Validation metrics of the current model (training/validation.py); the same on
+        every rank. Collective. Changes nothing of the training state."""
+        if self.validator is None:
+            raise ConfigError(["validation needs data.valid_sources or data.valid_fraction > 0"])
+        return self.validator.run()
+
+    def _maybe_validate(self, final: bool) -> None:
+        """Validate and log after this step: every train.eval_interval steps and at the
+        end (`final`, or the last planned step), once per step."""
+        step = self.state.step
+        if self.validator is None or step == self.last_validated_step:
+            return
+        last = step if final else self.total_steps
+        if not is_validation_step(step, self.config.train.eval_interval, last):
+            return
+        metrics = self.validate()
+        self.last_validated_step = step
+        self.last_valid_metrics = metrics
+        self._log(step, VALID, metrics)
 
     # ---- training ------------------------------------------------------------------------
 
@@ -392,7 +445,10 @@ class Trainer:
                     bar.update(1)
                     bar.set_postfix(loss=f"{result.loss:.4f}", lr=f"{result.lr:.2e}")
                     self._record_metrics(result)
+                    self._maybe_validate(final=False)
                     self._maybe_save(final=False)
+                if history and not self.preempted:  # epochs mode may end before total_steps
+                    self._maybe_validate(final=True)
                 self._maybe_save(final=True)
             finally:
                 self.close_metrics_logger()

@@ -45,6 +45,7 @@ __all__ = [
     "ConfigError",
     "config_problems",
     "empty_plan_problem",
+    "empty_validation_problem",
     "logging_problems",
     "overlength_warnings",
     "validate_config",
@@ -207,24 +208,27 @@ def _position_problems(config: LongAlignConfig, world_size: int) -> list[str]:
 
 
 def _file_problems(config: LongAlignConfig, world_size: int) -> list[str]:
-    """The preprocessed sets of data.sources, read before anything is built: each P.json
-    valid and in the current format, every file it names present with its recorded size,
-    indexes that agree with their data (data/indexed.py `open_dataset_files`); one
-    tokenizer for all of them, a vocabulary that fits the model, and samples that fit
-    data.seq_length."""
+    """The preprocessed sets of data.sources and data.valid_sources, read before anything
+    is built: each P.json valid and in the current format, every file it names present
+    with its recorded size, indexes that agree with their data (data/indexed.py
+    `open_dataset_files`); one tokenizer for all of them, a vocabulary that fits the
+    model, and samples that fit data.seq_length."""
     from megatron_longalign.data.indexed import DataFileError, open_dataset_files
 
     problems = []
     vocab_sizes: dict[str, int] = {}
     tokenizers: dict[str, list[str]] = {}  # tokenizer sha256 -> P.json files
     lengths: dict[int, Any] = {}  # source index -> tokens per sample
-    for i, source in enumerate(config.data.sources):
+    valid_lengths: list[Any] = []
+    named = [("data.sources", i, s) for i, s in enumerate(config.data.sources)]
+    named += [("data.valid_sources", i, s) for i, s in enumerate(config.data.valid_sources)]
+    for field_name, i, source in named:
         if not source.prefix:
             continue  # reported by data_problems
         try:
             files = open_dataset_files(source.prefix)
         except DataFileError as err:
-            problems.append(f"data.sources[{i}].prefix={source.prefix!r}: {err}")
+            problems.append(f"{field_name}[{i}].prefix={source.prefix!r}: {err}")
             continue
         try:
             tokenizer = files.metadata["tokenizer"]
@@ -232,17 +236,21 @@ def _file_problems(config: LongAlignConfig, world_size: int) -> list[str]:
             digest = str(tokenizer["sha256"])
         except (ValueError, KeyError, TypeError) as err:
             problems.append(
-                f"data.sources[{i}].prefix={source.prefix!r}: {files.manifest} has no usable "
+                f"{field_name}[{i}].prefix={source.prefix!r}: {files.manifest} has no usable "
                 f"tokenizer record ({type(err).__name__}: {err}); rerun tools/preprocess.py "
                 f"--output-prefix {source.prefix} --overwrite"
             )
             continue
         where = f"{files.manifest} ({tokenizer.get('path') or tokenizer.get('kind', '?')})"
         tokenizers.setdefault(digest, []).append(where)
-        lengths[i] = files.lengths
+        if field_name == "data.sources":
+            lengths[i] = files.lengths
+        else:
+            valid_lengths.append(files.lengths)
     if len(tokenizers) > 1:
+        which = "data.sources and data.valid_sources" if valid_lengths else "data.sources"
         problems.append(
-            "data.sources were preprocessed with different tokenizers (their token ids mean "
+            f"{which} were preprocessed with different tokenizers (their token ids mean "
             "different things): "
             + "; ".join(f"tokenizer {h[:12]}: {', '.join(w)}" for h, w in tokenizers.items())
             + ". Preprocess every source with the model's own tokenizer (tools/preprocess.py "
@@ -258,7 +266,25 @@ def _file_problems(config: LongAlignConfig, world_size: int) -> list[str]:
         )
     if len(lengths) == len(config.data.sources):
         problems += _length_problems(config, [lengths[i] for i in range(len(lengths))])
+    if valid_lengths and len(valid_lengths) == len(config.data.valid_sources):
+        problems += _valid_length_problems(config, valid_lengths)
     return problems
+
+
+def _valid_length_problems(config: LongAlignConfig, lengths: list[Any]) -> list[str]:
+    """data.valid_sources: samples longer than data.seq_length are an error with
+    data.on_overlength=error (as for training), and some sample must fit."""
+    counts = _overlength_counts(config, lengths)
+    too_long, total = sum(c[0] for c in counts), sum(c[1] for c in counts)
+    if too_long and config.data.on_overlength == "error":
+        return [
+            f"{too_long} validation sample(s) of data.valid_sources are longer than "
+            f"data.seq_length={config.data.seq_length} and data.on_overlength=error; set "
+            f"data.on_overlength=drop, or {_overlength_fix(config)}"
+        ]
+    if too_long == total:
+        return [empty_validation_problem(config)]
+    return []
 
 
 def _overlength_counts(config: LongAlignConfig, lengths: list[Any]) -> list[tuple[int, int, int]]:
@@ -331,6 +357,21 @@ def empty_plan_problem(config: LongAlignConfig, lengths: list[Any]) -> str:
     return (
         f"the data plan is empty: no sample can be trained on ({detail}). Give a source "
         f"with samples that fit a weight > 0, or {_overlength_fix(config)}"
+    )
+
+
+def empty_validation_problem(config: LongAlignConfig) -> str:
+    """Why validation has no sample, and what to change."""
+    data = config.data
+    if data.valid_sources:
+        what = f"data.valid_sources ({', '.join(s.prefix for s in data.valid_sources)})"
+    else:
+        what = f"data.valid_fraction={data.valid_fraction:g} of the training sources"
+    return (
+        f"the validation set is empty: {what} gives no sample of at most data.seq_length="
+        f"{data.seq_length} tokens. Raise data.valid_fraction, give data.valid_sources "
+        "with samples that fit, or turn validation off (data.valid_fraction=0, "
+        "data.valid_sources=[])"
     )
 
 
@@ -420,6 +461,25 @@ def _train_problems(config: LongAlignConfig, world_size: int) -> list[str]:
             "checkpointing is off)"
         )
     problems += _recompute_problems(config)
+    problems += _eval_problems(config)
+    return problems
+
+
+def _eval_problems(config: LongAlignConfig) -> list[str]:
+    """train.eval_interval (0/null: validate at the end only) and train.eval_iters
+    (null: the whole validation set)."""
+    train = config.train
+    problems = []
+    if train.eval_interval is not None and train.eval_interval < 0:
+        problems.append(
+            f"train.eval_interval must be >= 0 (0 or null = validate at the end only), got "
+            f"{train.eval_interval}"
+        )
+    if train.eval_iters is not None and train.eval_iters < 1:
+        problems.append(
+            f"train.eval_iters must be >= 1 validation global batches (null = the whole "
+            f"validation set), got {train.eval_iters}"
+        )
     return problems
 
 

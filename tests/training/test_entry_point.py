@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from megatron_longalign.training.metrics_file import read_metrics
 from tests.helpers.launch import REPO, worker_env
 
 
@@ -54,11 +55,25 @@ def test_smoke_experiment_trains_a_few_steps(demo_dir, tmp_path):
         "optim.lr_warmup_steps=1",
         "data.seq_length=1024",
         "logging.log_interval=1",
+        "data.valid_fraction=0.2",
+        "train.eval_interval=2",
     )
     output = result.stdout + result.stderr
     assert result.returncode == 0, output
     for step in (1, 2, 3):
         assert f"step {step} | loss " in output, output
+    # Validation after step 2 and at the end, on the console and in metrics.jsonl.
+    assert "validation: " in output and "of the training sources (held out)" in output
+    for step in (2, 3):
+        assert f"step {step} | valid loss " in output, output
+    lines = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    assert [(r["step"], r["split"]) for r in lines] == [
+        (1, "train"),
+        (2, "train"),
+        (2, "valid"),
+        (3, "train"),
+        (3, "valid"),
+    ]
     assert "done: 3 steps (0 skipped)" in output
     # The end of the run is checkpointed, and wandb wrote an offline run.
     checkpoints = tmp_path / "run" / "checkpoints"

@@ -300,3 +300,70 @@ def test_one_dataset_in_one_line(sample_prefixes):
     # data.prefix is read by data=single only: never ignored silently.
     other = compose(f"data.prefix={prefix}")
     problem_about(other, f"data.prefix='{prefix}' is not one of data.sources")
+
+
+# ---- validation data and schedule ----------------------------------------------------------
+
+
+def test_validation_fields_are_validated(config, tmp_path):
+    from megatron_longalign.config.data import DatasetSource
+
+    assert config.data.valid_fraction == 0.0 and config.train.eval_interval == 0
+    for bad in (1.0, -0.1, 1.5):
+        config.data.valid_fraction = bad
+        assert "[0, 1)" in problem_about(config, "data.valid_fraction=")
+    config.data.valid_fraction = 0.1
+    validate_config(config)
+    config.data.valid_sources = [DatasetSource(config.data.sources[0].prefix)]
+    message = problem_about(config, "data.valid_sources", "data.valid_fraction=0.1")
+    assert "both set" in message and "data.valid_fraction=0 or data.valid_sources=[]" in message
+    config.data.valid_fraction = 0.0
+    validate_config(config)
+    config.data.valid_sources = [
+        DatasetSource(str(tmp_path / "nowhere")),
+        DatasetSource(config.data.sources[0].prefix, weight=2.0),
+        DatasetSource(""),
+    ]
+    assert "nowhere.json not found" in problem_about(config, "data.valid_sources[0].prefix=")
+    assert "is not used" in problem_about(config, "data.valid_sources[1]", "weight 2.0")
+    assert "is empty" in problem_about(config, "data.valid_sources[2].prefix")
+    config.data.valid_sources = []
+    config.train.eval_interval, config.train.eval_iters = -1, 0
+    assert "0 or null = validate at the end" in problem_about(config, "train.eval_interval")
+    assert "null = the whole" in problem_about(config, "train.eval_iters")
+    config.train.eval_interval, config.train.eval_iters = None, None
+    validate_config(config)
+
+
+def test_validation_sources_are_checked_like_training_sources(config, tmp_path):
+    import json
+
+    from megatron_longalign.config.data import DatasetSource
+
+    copy = copy_set(config.data.sources[1].prefix, tmp_path)
+    meta = json.loads(Path(copy + ".json").read_text())
+    meta["tokenizer"]["sha256"] = "f" * 64
+    Path(copy + ".json").write_text(json.dumps(meta))
+    config.data.valid_sources = [DatasetSource(copy)]
+    message = problem_about(config, "different tokenizers")
+    assert "data.sources and data.valid_sources" in message and f"{copy}.json" in message
+    # Samples that do not fit: an error with on_overlength=error, as for training.
+    config.data.valid_sources = [DatasetSource(config.data.sources[0].prefix)]
+    config.data.sources = config.data.sources[1:]  # short chats: all fit 1024 tokens
+    config.data.on_overlength = "error"
+    message = problem_about(config, "validation sample(s) of data.valid_sources")
+    assert "data.on_overlength=drop" in message
+    config.data.seq_length = 256  # with drop: no validation sample fits at all
+    config.model.max_position_embeddings = 4096
+    config.data.on_overlength = "drop"
+    assert "validation set is empty" in problem_about(config, "data.valid_sources (")
+
+
+def test_validation_keys_compose_from_the_yaml():
+    config = compose("data.valid_fraction=0.02", "train.eval_interval=10")
+    assert config.data.valid_fraction == 0.02 and config.data.valid_sources == []
+    assert config.train.eval_interval == 10 and config.train.eval_iters is None
+    assert config.logging.metrics_file == "outputs/longalign/metrics.jsonl"
+    assert not config_problems(config, check_files=False)
+    default = compose()
+    assert default.train.eval_interval == 50 and default.data.valid_fraction == 0.0
