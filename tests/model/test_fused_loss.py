@@ -87,7 +87,9 @@ def test_gradients_in_forward_skip_the_recompute():
             )
             (nll * upstream).sum().backward()
         counts[hint is None] = sum(
-            e.count for e in prof.key_averages() if e.key in ("aten::mm", "aten::addmm", "aten::addmm_")
+            e.count
+            for e in prof.key_averages()
+            if e.key in ("aten::mm", "aten::addmm", "aten::addmm_")
         )
     assert counts == {True: 4 * 4, False: 3 * 4}
 
