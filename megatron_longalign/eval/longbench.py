@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -35,7 +34,7 @@ from megatron_longalign.eval.longbench_data import (
 from megatron_longalign.eval.longbench_metrics import sample_score
 from megatron_longalign.eval.longbench_summary import render_markdown, summarize
 from megatron_longalign.eval.longbench_tasks import LONGBENCH_E_TASK_NAMES, TASK_NAMES
-from megatron_longalign.utils.atomic_files import fsync_directory, write_text_durably
+from megatron_longalign.utils.atomic_files import replace_text_atomically
 from megatron_longalign.utils.jsonl_records import RecordAppender, RecordsFileError, read_records
 
 RESULTS_FILE = "results.jsonl"
@@ -112,14 +111,6 @@ def generate_cases(
             done[generation.key] = record
 
 
-def _write_atomically(path: Path, text: str) -> None:
-    """Readers see the old file or the new one, never half of one."""
-    temporary = path.with_name(f".{path.name}.tmp")
-    write_text_durably(temporary, text)
-    os.replace(temporary, path)
-    fsync_directory(path.parent, best_effort=True)
-
-
 def run_longbench(
     data_dir: str | Path,
     output_dir: str | Path,
@@ -150,8 +141,10 @@ def run_longbench(
         )
     summary = summarize(selected, done, longbench_e)
     summary["data_dir"] = str(data_dir)
-    _write_atomically(output_dir / SUMMARY_JSON, json.dumps(summary, indent=2, ensure_ascii=False))
-    _write_atomically(output_dir / SUMMARY_MD, render_markdown(summary))
+    replace_text_atomically(
+        output_dir / SUMMARY_JSON, json.dumps(summary, indent=2, ensure_ascii=False)
+    )
+    replace_text_atomically(output_dir / SUMMARY_MD, render_markdown(summary))
     return summary
 
 

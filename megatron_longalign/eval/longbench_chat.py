@@ -48,7 +48,7 @@ from megatron_longalign.eval.judge import (
     rate,
 )
 from megatron_longalign.eval.longbench_chat_data import ChatCase, load_cases
-from megatron_longalign.utils.atomic_files import fsync_directory, write_text_durably
+from megatron_longalign.utils.atomic_files import replace_text_atomically
 from megatron_longalign.utils.chat_api import ChatAPIError, ChatClient, ChatUsage
 from megatron_longalign.utils.jsonl_records import RecordAppender, RecordsFileError, read_records
 
@@ -286,14 +286,6 @@ def summary_markdown(summary: dict[str, Any]) -> str:
     return f"# LongBench-Chat\n\n| | |\n|---|---|\n{table}\n"
 
 
-def write_atomically(path: Path, text: str) -> None:
-    """Replace `path` with `text` in one step: a reader sees the old file or the new."""
-    temporary = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    write_text_durably(temporary, text)
-    os.replace(temporary, path)
-    fsync_directory(path.parent, best_effort=True)
-
-
 # ---- the run -------------------------------------------------------------------------
 
 
@@ -323,8 +315,8 @@ def run_longbench_chat(
         judge_answers(cases, answers, client, results_path)
     finally:
         summary = summarize(cases, read_records(results_path), client.usage)
-        write_atomically(output / "summary.json", json.dumps(summary, indent=2) + "\n")
-        write_atomically(output / "summary.md", summary_markdown(summary))
+        replace_text_atomically(output / "summary.json", json.dumps(summary, indent=2) + "\n")
+        replace_text_atomically(output / "summary.md", summary_markdown(summary))
     return summary
 
 

@@ -19,19 +19,13 @@ import numpy as np
 
 from megatron_longalign.eval.heatmap import write_heatmap
 from megatron_longalign.eval.needle_grid import case_key
-from megatron_longalign.utils.atomic_files import write_text_durably
+from megatron_longalign.utils.atomic_files import replace_text_atomically
 
 SCORE_SCALES = {
     "recall": ((0.0, 1.0), "key-phrase recall (0-1)"),
     "judge": ((1.0, 10.0), "judge score (1-10)"),
 }
 CSV_COLUMNS = ("length", "depth", "score", "status", "context_tokens", "needle_depth")
-
-
-def _replace_text(path: Path, text: str) -> None:
-    temporary = path.with_name(path.name + ".tmp")
-    write_text_durably(temporary, text)
-    os.replace(temporary, path)
 
 
 def score_table(records: dict[str, dict], lengths: Sequence[int], depths: Sequence[float]):
@@ -66,7 +60,7 @@ def write_scores_csv(path: Path, records: dict[str, dict], lengths, depths) -> N
                     f"{record['needle_depth']:.2f}",
                 ]
             )
-    _replace_text(path, buffer.getvalue())
+    replace_text_atomically(path, buffer.getvalue())
 
 
 def summarize(
@@ -123,7 +117,7 @@ def write_report(
         score_range=score_range,
     )
     os.replace(temporary, output / "heatmap.png")
-    _replace_text(output / "summary.json", json.dumps(summary, indent=2) + "\n")
+    replace_text_atomically(output / "summary.json", json.dumps(summary, indent=2) + "\n")
     return summary
 
 

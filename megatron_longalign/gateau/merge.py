@@ -22,8 +22,8 @@ from megatron_longalign.gateau.shards import (
     ScoresFileError,
     format_float,
     read_records,
-    write_atomically,
 )
+from megatron_longalign.utils.atomic_files import replace_text_atomically
 
 
 @dataclass
@@ -91,7 +91,7 @@ def merge_scores(
         for i, r in enumerate(records)
     ]
     path = directory / SCORES_FILE
-    write_atomically(path, "".join(line + "\n" for line in lines))
+    replace_text_atomically(path, "".join(line + "\n" for line in lines))
     no_response = sum(r["nll_b"] is None for r in records)
     summary = MergeSummary(
         path=path,
@@ -102,5 +102,5 @@ def merge_scores(
         without_response=no_response,
     )
     text = json.dumps({**summary.to_dict(), "config": config.to_dict()}, indent=2) + "\n"
-    write_atomically(directory / SUMMARY_FILE, text)
+    replace_text_atomically(directory / SUMMARY_FILE, text)
     return summary

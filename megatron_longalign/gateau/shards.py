@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 
 from megatron_longalign.data.planner import balanced_assignment
-from megatron_longalign.utils.atomic_files import naming, write_text_durably
+from megatron_longalign.utils.atomic_files import naming, replace_text_atomically
 
 RUN_FILE = "run.json"
 SCORES_FILE = "scores.jsonl"
@@ -145,15 +145,7 @@ def check_run_settings(directory: str | os.PathLike, settings: dict[str, Any]) -
                 "holds scores of another run; use another output directory or delete it"
             )
         return
-    write_atomically(path, text)
-
-
-def write_atomically(path: Path, text: str) -> None:
-    temp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    with naming(temp):
-        write_text_durably(temp, text)
-    with naming(path, "replace"):
-        os.replace(temp, path)
+    replace_text_atomically(path, text)
 
 
 def format_float(value: float | None) -> float | None:

@@ -27,7 +27,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from megatron_longalign.utils.atomic_files import fsync_directory
+from megatron_longalign.utils.atomic_files import replace_text_atomically
 from megatron_longalign.utils.jsonl_records import RecordAppender, read_records
 
 log = logging.getLogger("megatron_longalign.train")
@@ -72,13 +72,7 @@ def prune_after(path: Path, last_step: int) -> int:
     if not drop:
         return 0
     _append_durably(dropped_path(path), drop)  # first, so a crash here loses nothing
-    temporary = path.with_name(f".{path.name}.tmp")
-    with open(temporary, "w", encoding="utf-8") as handle:
-        handle.writelines(line + "\n" for line in keep)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temporary, path)
-    fsync_directory(path.parent, best_effort=True)
+    replace_text_atomically(path, "".join(line + "\n" for line in keep))
     return len(drop)
 
 

@@ -127,6 +127,19 @@ def write_text_durably(path: str | os.PathLike, text: str) -> None:
         os.fsync(f.fileno())
 
 
+def replace_text_atomically(path: str | os.PathLike, text: str) -> None:
+    """Replace `path` with `text` in one step (a temporary file beside it, fsynced, then
+    renamed over it): a reader, or a rerun after a kill, sees the old file or the new one,
+    never half of one. The one home for summaries, merged results and reports."""
+    path = Path(path)
+    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with naming(temporary):
+        write_text_durably(temporary, text)
+    with naming(path, "replace"):
+        os.replace(temporary, path)
+    fsync_directory(path.parent, best_effort=True)
+
+
 def file_digest(path: Path, sync: bool = False) -> tuple[int, str]:
     """(size in bytes, sha256 hex) of `path`, read in 1 MiB chunks; `sync` also fsyncs it."""
     digest, size = hashlib.sha256(), 0
