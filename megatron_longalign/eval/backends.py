@@ -24,6 +24,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 DTYPE_NAMES = {"auto": "auto", "bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+VLLM_SLICE = 64  # requests per vllm.LLM.generate call
 
 
 class GenerationError(RuntimeError):
@@ -130,21 +131,30 @@ class VLLMGenerator:
     def generate(
         self, requests: Sequence[GenerationRequest], *, desc: str | None = None
     ) -> Iterator[Generation]:
+        from tqdm import tqdm
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
-        prompts = [self.builder.build(r.prompt, self.options.max_length) for r in requests]
-        params = [
-            SamplingParams(
-                temperature=0.0, max_tokens=r.max_new_tokens, stop_token_ids=self.builder.stop_ids
-            )
-            for r in requests
-        ]
-        inputs = [TokensPrompt(prompt_token_ids=p.ids) for p in prompts]
-        outputs = self.llm.generate(inputs, params, use_tqdm=desc is not None)
-        for request, prompt, output in zip(requests, prompts, outputs, strict=True):
-            text, count = self.builder.answer_text(output.outputs[0].token_ids)
-            yield _generation(request, prompt, text, count)
+        # In slices: vLLM schedules each slice as one continuous batch, and the caller
+        # records (and a rerun skips) every finished slice, not only the whole run.
+        with tqdm(total=len(requests), desc=desc, disable=desc is None) as bar:
+            for start in range(0, len(requests), VLLM_SLICE):
+                part = requests[start : start + VLLM_SLICE]
+                prompts = [self.builder.build(r.prompt, self.options.max_length) for r in part]
+                params = [
+                    SamplingParams(
+                        temperature=0.0,
+                        max_tokens=r.max_new_tokens,
+                        stop_token_ids=self.builder.stop_ids,
+                    )
+                    for r in part
+                ]
+                inputs = [TokensPrompt(prompt_token_ids=p.ids) for p in prompts]
+                outputs = self.llm.generate(inputs, params, use_tqdm=False)
+                for request, prompt, output in zip(part, prompts, outputs, strict=True):
+                    text, count = self.builder.answer_text(output.outputs[0].token_ids)
+                    yield _generation(request, prompt, text, count)
+                bar.update(len(part))
 
     def close(self) -> None:
         self.llm = None

@@ -303,3 +303,62 @@ def test_a_checkpoint_that_cannot_be_exported_names_it(tmp_path):
     (broken / "latest").write_text("step_5\n")
     with pytest.raises(ModelSourceError, match=f"cannot export checkpoint {broken}"):
         build_generator(GenerationOptions("transformers", str(broken)))
+
+
+class _FakeVLLM:
+    """A stand-in for the `vllm` package (it needs a GPU), recording what the backend
+    passes: the prompt token ids, the sampling parameters, and the calls."""
+
+    calls: list[list[list[int]]] = []
+    WORD = 100  # an ordinary (non-special) token of the sample tokenizer
+
+    class SamplingParams:
+        def __init__(self, **kwargs):
+            self.kwargs = kwargs
+
+    class TokensPrompt(dict):
+        def __init__(self, prompt_token_ids):
+            super().__init__(prompt_token_ids=prompt_token_ids)
+
+    class LLM:
+        def __init__(self, model, tokenizer, dtype, seed):
+            self.model = model
+
+        def generate(self, inputs, params, use_tqdm):
+            _FakeVLLM.calls.append([i["prompt_token_ids"] for i in inputs])
+            outputs = []
+            for p in params:
+                assert p.kwargs["temperature"] == 0.0
+                # two tokens, then the template's end of answer (within max_tokens)
+                tokens = [_FakeVLLM.WORD] * 2 + p.kwargs["stop_token_ids"][:1]
+                completion = type("Completion", (), {"token_ids": tokens})
+                outputs.append(type("Output", (), {"outputs": [completion]}))
+            return outputs
+
+
+def test_vllm_backend_plumbing_with_a_stand_in(model_dir, sp, monkeypatch):
+    """The vllm backend's own code on CPU: exact prompt ids (the training template, the
+    truncation), greedy parameters, the stop token, and requests sent in slices so each
+    finished slice is recorded before the next starts."""
+    import sys
+    import types
+
+    from megatron_longalign.eval import backends
+
+    module = types.ModuleType("vllm")
+    module.LLM, module.SamplingParams = _FakeVLLM.LLM, _FakeVLLM.SamplingParams
+    inputs = types.ModuleType("vllm.inputs")
+    inputs.TokensPrompt = _FakeVLLM.TokensPrompt
+    monkeypatch.setitem(sys.modules, "vllm", module)
+    monkeypatch.setitem(sys.modules, "vllm.inputs", inputs)
+    monkeypatch.setattr(backends, "VLLM_SLICE", 2)
+    _FakeVLLM.calls.clear()
+    requests = [GenerationRequest(key, text, 3) for key, text in PROMPTS.items()]
+    got = _generate(GenerationOptions("vllm", str(model_dir)), requests)
+    assert [len(call) for call in _FakeVLLM.calls] == [2, 1]
+    sent = [ids for call in _FakeVLLM.calls for ids in call]
+    assert sent == [llama2_prompt_ids(sp, text) for text in PROMPTS.values()]
+    for key, text in PROMPTS.items():
+        assert got[key].prompt_tokens == len(llama2_prompt_ids(sp, text))
+        assert got[key].completion_tokens == 3  # the stop token counts as generated
+        assert got[key].text == sp.decode([_FakeVLLM.WORD] * 2).strip()
