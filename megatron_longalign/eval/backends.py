@@ -74,7 +74,9 @@ class TransformersGenerator:
     ) -> Iterator[Generation]:
         from tqdm import tqdm
 
-        prepared = [(r, self.builder.build(r.prompt, self.options.max_length)) for r in requests]
+        prepared = [
+            (r, self.builder.build(r.prompt, self.options.max_length, r.raw)) for r in requests
+        ]
         # Similar lengths and budgets together: less padding and fewer wasted steps.
         prepared.sort(key=lambda item: (item[0].max_new_tokens, len(item[1].ids)))
         size = max(1, self.options.batch_size)
@@ -140,7 +142,9 @@ class VLLMGenerator:
         with tqdm(total=len(requests), desc=desc, disable=desc is None) as bar:
             for start in range(0, len(requests), VLLM_SLICE):
                 part = requests[start : start + VLLM_SLICE]
-                prompts = [self.builder.build(r.prompt, self.options.max_length) for r in part]
+                prompts = [
+                    self.builder.build(r.prompt, self.options.max_length, r.raw) for r in part
+                ]
                 params = [
                     SamplingParams(
                         temperature=0.0,
@@ -177,9 +181,14 @@ class OpenAIGenerator:
         text, dropped = request.prompt, 0
         if self.builder is not None:
             text, dropped = self.builder.truncate(request.prompt, self.options.max_length)
-        reply = self.client.chat(
-            [{"role": "user", "content": text}], temperature=0.0, max_tokens=request.max_new_tokens
-        )
+        if request.raw:  # no chat template: the completions endpoint
+            reply = self.client.complete(text, max_tokens=request.max_new_tokens)
+        else:
+            reply = self.client.chat(
+                [{"role": "user", "content": text}],
+                temperature=0.0,
+                max_tokens=request.max_new_tokens,
+            )
         return Generation(
             request.key, reply.text.strip(), reply.prompt_tokens, reply.completion_tokens, dropped
         )

@@ -62,6 +62,9 @@ class GenerationRequest:
     key: str
     prompt: str  # the user message (task prompt incl. the long document)
     max_new_tokens: int
+    # True: the prompt as plain text (BOS + text, no chat template; the openai backend uses
+    # the completions endpoint), as LongBench prompts its few-shot and code tasks.
+    raw: bool = False
 
 
 @dataclass(frozen=True)

@@ -70,7 +70,12 @@ def pending_requests(
                     data,
                     sample,
                     GenerationRequest(
-                        key=key, prompt=prompt, max_new_tokens=data.task.max_new_tokens
+                        key=key,
+                        prompt=prompt,
+                        max_new_tokens=data.task.max_new_tokens,
+                        # LongBench prompts its few-shot and code tasks without the
+                        # chat template
+                        raw=data.task.raw_prompt,
                     ),
                 )
     return pending

@@ -24,8 +24,8 @@ LENGTH_BUCKETS: tuple[tuple[str, int | None], ...] = (
     ("8k+", None),
 )
 CHAT_TEMPLATE_NOTE = (
-    "the model's chat template wraps every prompt; LongBench's pred.py sends trec, "
-    "triviaqa, samsum, lsht, lcc and repobench-p without it"
+    "as LongBench's pred.py: trec, triviaqa, samsum, lsht, lcc and repobench-p are "
+    "prompted without the chat template (BOS + text), every other task inside it"
 )
 
 

@@ -92,9 +92,15 @@ class PromptBuilder:
         ids, _ = self.tokenizer.encode_pieces(items)
         return ids.tolist()
 
-    def build(self, text: str, max_length: int | None) -> Prompt:
+    def raw_ids(self, text: str) -> list[int]:
+        """A prompt without the chat template: BOS (when the tokenizer has one) + text."""
+        bos = [] if self.tokenizer.bos_id is None else [self.tokenizer.bos_id]
+        return bos + self.tokenizer.encode(text).tolist()
+
+    def build(self, text: str, max_length: int | None, raw: bool = False) -> Prompt:
         user_text, dropped = self.truncate(text, max_length)
-        return Prompt(self.prompt_ids(user_text), user_text, dropped)
+        ids = self.raw_ids(user_text) if raw else self.prompt_ids(user_text)
+        return Prompt(ids, user_text, dropped)
 
     def answer_text(self, ids: Sequence[int]) -> tuple[str, int]:
         """(text, completion tokens) of generated ids: cut at the first stop id (which

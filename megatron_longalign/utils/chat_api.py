@@ -110,12 +110,23 @@ class ChatClient:
         """The reply to `messages`, from the cache when this exact request was answered.
         `cache_salt` makes an otherwise identical request a new one (asking again)."""
         key = request_key(self.model, messages, temperature, max_tokens, cache_salt)
+        return self._cached(key, lambda: self._request(messages, temperature, max_tokens))
+
+    def complete(
+        self, prompt: str, *, temperature: float = 0.0, max_tokens: int | None = None
+    ) -> ChatReply:
+        """A plain-text completion of `prompt` (the completions endpoint: no chat template),
+        cached like `chat`."""
+        key = request_key(self.model, [{"prompt": prompt}], temperature, max_tokens, "complete")
+        return self._cached(key, lambda: self._request(prompt, temperature, max_tokens))
+
+    def _cached(self, key: str, ask: Callable[[], dict[str, Any]]) -> ChatReply:
         with self._lock:
             hit = self._cache.get(key)
             if hit is not None:
                 self.usage.cached += 1
                 return _reply(hit, cached=True)
-        record = {"key": key, **self._request(messages, temperature, max_tokens)}
+        record = {"key": key, **ask()}
         with self._lock:
             self.usage.requests += 1
             self.usage.prompt_tokens += record["prompt_tokens"]
@@ -125,15 +136,21 @@ class ChatClient:
                 self._cache_file.append(record)
         return _reply(record, cached=False)
 
-    def _request(self, messages: list[dict], temperature: float, max_tokens) -> dict[str, Any]:
+    def _request(
+        self, messages: list[dict] | str, temperature: float, max_tokens
+    ) -> dict[str, Any]:
+        """One request (a chat, or a completion when `messages` is a prompt string)."""
         where = f"{self.base_url} (model {self.model!r})"
+        limit = {} if max_tokens is None else {"max_tokens": max_tokens}
         try:
-            response = self._client.chat.completions.create(
-                model=self.model,
-                messages=messages,
-                temperature=temperature,
-                **({} if max_tokens is None else {"max_tokens": max_tokens}),
-            )
+            if isinstance(messages, str):
+                response = self._client.completions.create(
+                    model=self.model, prompt=messages, temperature=temperature, **limit
+                )
+            else:
+                response = self._client.chat.completions.create(
+                    model=self.model, messages=messages, temperature=temperature, **limit
+                )
         except openai.APIStatusError as err:
             body = (err.response.text or "")[:300]
             raise ChatAPIError(
@@ -144,8 +161,9 @@ class ChatClient:
         if not response.choices:
             raise ChatAPIError(f"{where} returned no choices")
         choice, usage = response.choices[0], response.usage
+        text = choice.text if isinstance(messages, str) else choice.message.content
         return {
-            "text": choice.message.content or "",
+            "text": text or "",
             "finish_reason": choice.finish_reason,
             "prompt_tokens": int(getattr(usage, "prompt_tokens", 0) or 0),
             "completion_tokens": int(getattr(usage, "completion_tokens", 0) or 0),

@@ -131,6 +131,27 @@ def test_transformers_equals_a_direct_generate_call(model_dir, sp, batch_size):
     assert any(g.text for g in got.values())  # a random model still says something
 
 
+def test_a_raw_request_is_bos_and_text_without_the_template(model_dir, sp):
+    """raw=True (LongBench's few-shot and code tasks): BOS + the text, no [INST]."""
+    text = PROMPTS["a"]
+    ids = [sp.bos_id(), *sp.encode(text)]
+    options = GenerationOptions("transformers", str(model_dir), dtype="fp32", device="cpu")
+    (got,) = _generate(options, [GenerationRequest("a", text, 6, raw=True)]).values()
+    assert got.prompt_tokens == len(ids)
+    assert (got.text, got.completion_tokens) == reference_generation(model_dir, sp, ids, 6)
+
+
+def test_openai_backend_sends_raw_requests_to_the_completions_endpoint(model_dir):
+    with OpenAIStub(lambda body: "completed") as server:
+        options = GenerationOptions(
+            "openai", str(model_dir), base_url=server.base_url, served_model="served-x"
+        )
+        got = _generate(options, [GenerationRequest("r", "Q: 1+1?\nA:", 4, raw=True)])
+    (body,) = server.requests
+    assert body["prompt"] == "Q: 1+1?\nA:" and "messages" not in body
+    assert body["max_tokens"] == 4 and got["r"].text == "completed"
+
+
 def test_truncation_keeps_the_first_and_last_halves_of_the_message(model_dir, sp):
     text = PROMPTS["c"]
     ids = sp.encode(text)

@@ -137,6 +137,8 @@ def test_end_to_end_with_fake_generator(tmp_path):
         "questions.\n\nQ: When? Type: Date\nWhere is Rome?"
     )
     assert by_key["trec/t1"].max_new_tokens == 64
+    # As LongBench's pred.py: few-shot tasks without the chat template, QA inside it.
+    assert by_key["trec/t1"].raw and not by_key["hotpotqa/h1"].raw
     assert by_key["hotpotqa/h2"].max_new_tokens == 32
     assert "The {tower} text." in by_key["hotpotqa/h2"].prompt  # braces in data are kept
     # Files: one result per case, the summary as JSON and markdown, no temporary left.

@@ -108,3 +108,16 @@ def test_bounded_map_raises_after_the_running_items():
         for item, _ in bounded_map(work, range(5), 1):
             seen.append(item)
     assert seen == [0, 1]
+
+
+def test_completions_are_cached_apart_from_chats(tmp_path):
+    counter = iter(range(100))
+    with OpenAIStub(lambda body: f"reply {next(counter)}") as server:
+        client = ChatClient(server.base_url, "m", cache_path=tmp_path / "cache.jsonl")
+        assert client.complete("2+2=", max_tokens=3).text == "reply 0"
+        assert client.complete("2+2=", max_tokens=3).cached
+        assert client.chat([{"role": "user", "content": "2+2="}]).text == "reply 1"
+        assert [("prompt" in b, "messages" in b) for b in server.requests] == [
+            (True, False),
+            (False, True),
+        ]
