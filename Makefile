@@ -60,7 +60,8 @@ gateau-demo: $(STAMP)
 		--ratio 0.1 --overwrite
 
 # Train -> export -> evaluate on CPU in a few minutes (docs/EVALUATION.md): the tiny model
-# trained on the bundled data (as `make demo`), exported to a Hugging Face directory
+# trained on the bundled data (as `make demo`, 5% held out: valid/loss every 10 steps and
+# in $(EVAL_OUT)/model/metrics.jsonl), exported to a Hugging Face directory
 # (with the training chat template), then a needle-in-a-haystack heatmap through
 # transformers on a generated haystack: $(EVAL_OUT)/needle/heatmap.png. A model this
 # small finds no needle; the point is the whole path. Reruns resume the evaluation.
@@ -73,7 +74,8 @@ eval-demo: $(STAMP)
 		--tokenizer data/sample/tokenizer.model --template llama2 \
 		--output-prefix $(EVAL_OUT)/short_chat --max-length 65536 --overwrite
 	DEMO_OUT=$(EVAL_OUT) $(PY) -m megatron_longalign.train +experiment=smoke name=eval_demo \
-		train.max_steps=20 train.save_interval=20 train.output_dir=$(EVAL_OUT)/model
+		train.max_steps=20 train.save_interval=20 train.output_dir=$(EVAL_OUT)/model \
+		data.valid_fraction=0.05 train.eval_interval=10
 	rm -rf $(EVAL_OUT)/hf  # the demo's own export: re-made from the checkpoint
 	$(PY) tools/convert_hf.py export --checkpoint $(EVAL_OUT)/model/checkpoints \
 		--output $(EVAL_OUT)/hf
