@@ -222,9 +222,10 @@ class _GradientSink:
         )
 
     def add_chunk(self, start: int, end: int, grad_logits: Tensor) -> None:
-        """grad_logits [c, valid] (fp32, consumed): d(loss)/d(logits) of tokens start:end."""
+        """grad_logits [c, valid]: d(loss)/d(logits) of tokens start:end, already in the
+        hidden states' dtype. The caller casts and drops its fp32 chunk first, so the two
+        never coexist with the GEMM outputs (the planner's memory model, docs/PLANNING.md)."""
         h = self.hidden[start:end]
-        grad_logits = grad_logits.to(self.hidden.dtype)
         torch.mm(grad_logits, self.shard, out=self.grad_hidden[start:end])  # no [c, h] temporary
         if self.in_place:
             self.acc.addmm_(grad_logits.t(), h)
@@ -265,6 +266,7 @@ def _gradients(
         _subtract_target(
             grad_logits, local_labels[start:end], owned[start:end], grad_nll[start:end]
         )
+        grad_logits = grad_logits.to(hidden.dtype)  # the fp32 chunk is freed here
         sink.add_chunk(start, end, grad_logits)
         del grad_logits  # before the next chunk's logits exist: one chunk at a time
     return sink.result()
@@ -302,6 +304,7 @@ def _forward_with_gradients(
         if valid:
             logits.mul_((g / sum_exp)[:, None])  # softmax * g
             _subtract_target(logits, labels, mine, g)
+            logits = logits.to(hidden.dtype)  # the fp32 chunk is freed here
             sink.add_chunk(start, end, logits)
         del logits  # before the next chunk's logits exist: one chunk at a time
     grad_hidden, grad_weight = sink.result()

@@ -169,10 +169,15 @@ def _profiled_peak_bytes(fn) -> int:
         ("bfloat16", GPU_BF16, 1024, 1024, 256),  # the kept [V, h] gradients dominate
     ],
 )
-def test_chunked_term_matches_the_profiled_fused_loss(dtype, profile, tokens, hidden, chunk):
+@pytest.mark.parametrize("hinted", [False, True], ids=["recompute", "grads-in-forward"])
+def test_chunked_term_matches_the_profiled_fused_loss(
+    dtype, profile, tokens, hidden, chunk, hinted
+):
     """model/fused_loss.py forward + backward on one rank: the profiler's peak equals the
-    planner's term within 2% (the difference: per-token temporaries it leaves out). A
-    change to fused_loss.py's buffers that fails this needs chunked_loss_bytes updated."""
+    planner's term within 2% (the difference: per-token temporaries it leaves out), with
+    the gradients recomputed in backward and made in forward (the trainer's path: the
+    same buffers, one step earlier). A change to fused_loss.py's buffers that fails this
+    needs chunked_loss_bytes updated."""
     import torch
 
     from megatron_longalign.model.fused_loss import chunked_linear_cross_entropy
@@ -184,8 +189,12 @@ def test_chunked_term_matches_the_profiled_fused_loss(dtype, profile, tokens, hi
     weight = (torch.randn(vocab, hidden) * 0.02).to(dt).requires_grad_()
     labels = torch.randint(0, vocab, (tokens,))
 
+    hint = torch.ones(tokens) if hinted else None
+
     def step():
-        nll = chunked_linear_cross_entropy(states, weight, labels, chunk_tokens=chunk)
+        nll = chunked_linear_cross_entropy(
+            states, weight, labels, chunk_tokens=chunk, grad_hint=hint
+        )
         nll.sum().backward()
 
     measured = _profiled_peak_bytes(step)
