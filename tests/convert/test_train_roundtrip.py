@@ -69,3 +69,34 @@ def test_import_train_export_roundtrip(sample_prefixes, tmp_path):
     # ...and the fine-tuned model is not the original one.
     original = hf_reference_logits(make_hf_model(case), inputs)
     assert (original["plain"] - theirs["plain"]).abs().max() > 10 * TOL
+
+
+def test_a_checkpoint_trained_from_scratch_exports_its_data_tokenizer_and_template(
+    sample_prefixes, tmp_path, caplog
+):
+    """No import and no flags: the checkpoint records the data's tokenizer (path and
+    sha256) and chat template, and export writes both; a tokenizer changed since the data
+    was made is not exported (with a warning), as the ids would no longer match."""
+    from megatron_longalign.convert import hf_export
+    from megatron_longalign.convert.export_template import exported_template
+    from megatron_longalign.data.indexed import SFTIndexedDataset
+    from megatron_longalign.training.checkpoint import read_marker
+    from megatron_longalign.training.trainer import Trainer
+
+    config = tiny_training_config(
+        sample_prefixes, max_steps=1, checkpoint_dir=str(tmp_path / "run")
+    )
+    Trainer(config).train()
+    metadata = SFTIndexedDataset(next(iter(sample_prefixes.values()))).metadata
+    record = read_marker(tmp_path / "run" / "step_00000001")["extra"]["data"]
+    assert record["template"] == metadata["template"]
+    assert record["tokenizer"]["sha256"] == metadata["tokenizer"]["sha256"]
+
+    result = export_checkpoint(tmp_path / "run", tmp_path / "hf", dtype="fp32", progress=False)
+    assert result.copied == ["tokenizer.model"] and result.template == metadata["template"]["name"]
+    assert exported_template(tmp_path / "hf") == metadata["template"]["name"]
+
+    changed = dict(record["tokenizer"], sha256="0" * 64)
+    with caplog.at_level("WARNING"):
+        assert hf_export._training_tokenizer(changed) is None
+    assert "changed since the data was made" in caplog.text
