@@ -332,7 +332,8 @@ def report(rows: list[dict], args) -> None:
         "| runs | agreement |"
     )
     print("|---|---|---|---|---|---|---|---|---|---|---|")
-    memory_met = time_met = True
+    memory_met = working_met = time_met = True
+    floors = []  # the returned gradients alone, as a share of standard's peak
     time_measured = False
     for row in rows:
         res = row["results"]
@@ -347,6 +348,8 @@ def report(rows: list[dict], args) -> None:
         if chunked:
             mem_ratio = chunked["peak_above_baseline"] / std_peak
             memory_met &= mem_ratio <= 0.10
+            working_met &= (chunked["peak_above_baseline"] - row["grads_bytes"]) / std_peak <= 0.10
+            floors.append(row["grads_bytes"] / std_peak)
             mem = f"{100 * mem_ratio:.1f}%" + ("" if standard else " (of the estimate)")
             time_ratio = f"{chunked['seconds'] / standard['seconds']:.2f}x" if standard else "n/a"
             if standard:
@@ -382,9 +385,13 @@ def report(rows: list[dict], args) -> None:
             f"| {gib(row['standard_estimate'])} "
             f"| {gib(row['logits_bytes'] * 4 // DTYPE_BYTES[args.dtype])} | | | | |"
         )
+    floor = f"{100 * max(floors):.1f}%" if floors else "n/a"
     print(
-        "\ntargets: chunked peak <= 10% of standard's: "
-        + ("met" if memory_met else "NOT met")
+        "\ntargets: chunked working memory (peak minus the gradients every implementation "
+        "returns) <= 10% of standard's peak: "
+        + ("met" if working_met else "NOT met")
+        + "; whole chunked peak <= 10%: "
+        + ("met" if memory_met else f"NOT met (the returned gradients alone reach {floor})")
         + "; chunked time <= 1.3x standard's: "
         + (("met" if time_met else "NOT met") if time_measured else "not measured")
     )
