@@ -2,40 +2,19 @@
 totals over all runs (samples, rejects by reason, questions dropped, tokens).
 
 The samples file of a real run is large (10k samples of up to 64k tokens is gigabytes),
-so it is streamed line by line rather than loaded whole. Same rules as
-utils.jsonl_records: a torn last line (a killed writer) is ignored, and the next
-RecordAppender cuts it; a malformed complete line is an error naming file and line.
+so it is streamed (utils.jsonl_records.iter_records) rather than loaded whole: a torn
+last line (a killed writer) is ignored, and the next RecordAppender cuts it; a malformed
+complete line is an error naming file and line.
 """
 
 from __future__ import annotations
 
-import json
 from collections import Counter
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from megatron_longalign.utils.jsonl_records import RecordsFileError
-
-
-def stream_records(path: Path) -> Iterator[dict[str, Any]]:
-    """The complete records of `path`, one at a time (nothing when it does not exist)."""
-    if not path.exists():
-        return
-    with open(path, "rb") as handle:
-        for number, line in enumerate(handle, 1):
-            if not line.endswith(b"\n"):
-                return  # a torn last line
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except (json.JSONDecodeError, UnicodeDecodeError) as err:
-                raise RecordsFileError(f"{path}:{number}: not valid JSON ({err})") from None
-            if not isinstance(record, dict):
-                raise RecordsFileError(f"{path}:{number}: a record must be a JSON object")
-            yield record
+from megatron_longalign.utils.jsonl_records import iter_records
 
 
 @dataclass
@@ -75,8 +54,8 @@ class Ledger:
 def read_ledger(samples: Path, rejects: Path) -> Ledger:
     """The ledger of an existing output (empty for a new one)."""
     ledger = Ledger()
-    for record in stream_records(samples):
+    for record in iter_records(samples):
         ledger.add_sample(record["meta"])
-    for record in stream_records(rejects):
+    for record in iter_records(rejects):
         ledger.add_reject(record)
     return ledger

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,26 +28,32 @@ def _complete_length(path: Path) -> int:
     return data.rfind(b"\n") + 1
 
 
-def read_records(path: str | os.PathLike) -> list[dict[str, Any]]:
-    """Every complete record of `path` in file order; [] when the file does not exist."""
+def iter_records(path: str | os.PathLike) -> Iterator[dict[str, Any]]:
+    """The complete records of `path`, streamed in file order (a results file of a long
+    run can be gigabytes); nothing when the file does not exist. Lines are split on b"\n"
+    only: records are written with ensure_ascii=False, so a text may hold U+2028 and other
+    characters that str.splitlines() would also split on."""
     path = Path(path)
     if not path.exists():
-        return []
+        return
     with open(path, "rb") as handle:
-        data = handle.read()
-    complete = data[: data.rfind(b"\n") + 1]
-    records = []
-    for number, line in enumerate(complete.decode("utf-8", errors="replace").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise RecordsFileError(f"{path}:{number}: not valid JSON ({err})") from err
-        if not isinstance(record, dict):
-            raise RecordsFileError(f"{path}:{number}: a record must be a JSON object")
-        records.append(record)
-    return records
+        for number, line in enumerate(handle, 1):
+            if not line.endswith(b"\n"):
+                return  # a torn last line from a killed writer
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except (json.JSONDecodeError, UnicodeDecodeError) as err:
+                raise RecordsFileError(f"{path}:{number}: not valid JSON ({err})") from None
+            if not isinstance(record, dict):
+                raise RecordsFileError(f"{path}:{number}: a record must be a JSON object")
+            yield record
+
+
+def read_records(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """Every complete record of `path` in file order; [] when the file does not exist."""
+    return list(iter_records(path))
 
 
 class RecordAppender:

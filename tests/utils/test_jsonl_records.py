@@ -6,7 +6,12 @@ import json
 
 import pytest
 
-from megatron_longalign.utils.jsonl_records import RecordAppender, RecordsFileError, read_records
+from megatron_longalign.utils.jsonl_records import (
+    RecordAppender,
+    RecordsFileError,
+    iter_records,
+    read_records,
+)
 
 
 def test_round_trip_and_missing_file(tmp_path):
@@ -32,5 +37,24 @@ def test_torn_last_line_is_ignored_then_cut_by_the_next_writer(tmp_path):
 def test_a_damaged_complete_line_names_file_and_line(tmp_path, line):
     path = tmp_path / "r.jsonl"
     path.write_text('{"key": "a"}\n' + line + "\n")
+    with pytest.raises(RecordsFileError, match=r"r\.jsonl:2"):
+        read_records(path)
+
+
+def test_line_separators_inside_a_text_do_not_split_a_record(tmp_path):
+    """Records are written with ensure_ascii=False: U+2028, U+0085 and friends reach the
+    file raw and must not be taken for line ends (str.splitlines() would)."""
+    path = tmp_path / "r.jsonl"
+    text = "para one\u2028para two\x85three\x1cfour"
+    with RecordAppender(path) as out:
+        out.append({"key": "a", "text": text})
+        out.append({"key": "b"})
+    assert read_records(path) == [{"key": "a", "text": text}, {"key": "b"}]
+    assert list(iter_records(path)) == read_records(path)
+
+
+def test_a_line_that_is_not_utf8_is_named(tmp_path):
+    path = tmp_path / "r.jsonl"
+    path.write_bytes(b'{"key": "a"}\n{"key": "\xff"}\n')
     with pytest.raises(RecordsFileError, match=r"r\.jsonl:2"):
         read_records(path)
